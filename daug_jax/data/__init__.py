@@ -1,6 +1,7 @@
 """Data: the built-in synthetic chest X-ray benchmark, TFDS builders and the batch pipeline.
 
-Importing this package registers the TFDS builders (``synthetic_cxr``, ...).
+Importing this package registers the TFDS builders ``synthetic_cxr``, ``mimic_cxr`` and
+``chexpert_cxr`` (manual download; TFDS's own ``chexpert`` needs TensorFlow).
 """
 
-from daug_jax.data import builders  # noqa: F401  (registers TFDS builders)
+from daug_jax.data import builders, chexpert, mimic_cxr  # noqa: F401  (register TFDS builders)

@@ -17,12 +17,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from daug_jax.data import synthetic
+from daug_jax.data.real_common import predefined
 
 SPLITS = ("train", "validation", "test")
 _CHUNK = 256  # records generated per call; record i depends only on (seed, i)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)  # tfds.core.BuilderConfig is not frozen, so neither is this
 class SyntheticCxrConfig(tfds.core.BuilderConfig):
     """Size, count and seed of the benchmark; the config name is derived from them."""
 
@@ -40,10 +41,8 @@ class SyntheticCxrConfig(tfds.core.BuilderConfig):
             if getattr(self, f"num_{split}") < 0:
                 raise ValueError(f"num_{split} must be >= 0")
         if not self.name:
-            object.__setattr__(
-                self, "name",
-                f"{self.image_size}px_{self.num_train}_{self.num_validation}_{self.num_test}"
-                f"_seed{self.seed}")
+            self.name = (f"{self.image_size}px_{self.num_train}_{self.num_validation}_"
+                         f"{self.num_test}_seed{self.seed}")
 
     def split_seed(self, split: str) -> int:
         """Distinct generator seed per split (no record is shared between splits)."""
@@ -111,7 +110,8 @@ def load_split(split: str, *, data_dir: str, config: SyntheticCxrConfig | None =
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    builder = SyntheticCxr(config=config or SyntheticCxr.BUILDER_CONFIGS[0], data_dir=data_dir)
+    config = predefined(SyntheticCxr, config or SyntheticCxr.BUILDER_CONFIGS[0])
+    builder = SyntheticCxr(config=config, data_dir=data_dir)
     builder.download_and_prepare()
     return builder.as_data_source(split=split)
 
@@ -133,9 +133,9 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--num-test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config = SyntheticCxrConfig(
+    config = predefined(SyntheticCxr, SyntheticCxrConfig(
         image_size=args.size, num_train=args.num_train, num_validation=args.num_validation,
-        num_test=args.num_test, seed=args.seed)
+        num_test=args.num_test, seed=args.seed))
     builder = SyntheticCxr(config=config, data_dir=args.data_dir)
     builder.download_and_prepare()
     for split in SPLITS:
