@@ -1,0 +1,169 @@
+r"""The Image-Text-Class hybrid contrastive loss (MedImageInsight / DAug formulation).
+
+All embeddings are L2-normalised rows; B is the batch, D the embedding width, C the number of
+classes.  With image embeddings ``u_i``, report embeddings ``v_j`` and class-prompt embeddings
+``w_c`` (the text tower applied to prompts such as "a chest X-ray showing pleural effusion"):
+
+**Image-text (CLIP).**  With logits ``s_ij = τ · u_i·v_j`` (τ = ``logit_scale``):
+
+    L_it = ½ · [ 1/B Σ_i −log softmax_j(s_ij)[i]  +  1/B Σ_j −log softmax_i(s_ij)[j] ]
+
+i.e. the mean of the image→text and text→image cross-entropies with the matching pair (the
+diagonal) as the target; every other report in the batch is a negative.
+
+**Image-class (sigmoid).**  With ``z_ic = a · u_i·w_c + b`` (a = ``class_scale``, b = ``class_bias``),
+multi-hot labels ``y_ic ∈ {0, 1}`` and mask ``m_ic`` (1 = counted):
+
+    L_ic = Σ_ic m_ic · [ softplus(z_ic) − y_ic · z_ic ]  /  max(Σ_ic m_ic, 1)
+
+a per-entry binary cross-entropy, so each disease is an independent yes/no question and an image
+may have several findings; uncertain or missing labels (mask 0) contribute neither value nor
+gradient.  Unlike the CLIP term it needs no negatives from the batch: a class prompt is a fixed
+target, which is why the class prompts become a ready-made linear classifier at inference.
+
+**Hybrid.**  ``L = L_it + λ · L_ic`` with λ = ``class_weight`` (λ = 0 is the plain CLIP baseline).
+
+Every function is pure and safe under ``jax.jit`` and ``jax.grad``; inputs of any float dtype
+(e.g. bfloat16 activations) are cast to float32 at the boundary, because a softmax over a batch
+of logits up to ~100 in bfloat16 loses the small differences the loss is made of.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+LABEL_POLICIES = ("ignore", "ones", "zeros")
+
+
+def _f32(x) -> jax.Array:
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
+def _scalar(x, name: str) -> jax.Array:
+    x = _f32(x)
+    if x.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {x.shape}")
+    return x
+
+
+def clip_loss(image_emb, text_emb, logit_scale) -> jax.Array:
+    """Symmetric softmax cross-entropy over the batch similarity matrix (CLIP).
+
+    image_emb: [B, D] L2-normalised; text_emb: [B, D] L2-normalised, row i the report of image i.
+    logit_scale: scalar τ (the temperature's inverse, already exponentiated; typically <= 100).
+    Returns a float32 scalar:  ½ · (CE(τ·U Vᵀ, diag) + CE(τ·V Uᵀ, diag)), each averaged over B.
+    """
+    image_emb, text_emb = _f32(image_emb), _f32(text_emb)
+    chex.assert_rank([image_emb, text_emb], 2, custom_message="image_emb, text_emb must be [B, D]")
+    chex.assert_equal_shape([image_emb, text_emb],
+                            custom_message="image_emb and text_emb must both be [B, D]")
+    logit_scale = _scalar(logit_scale, "logit_scale")
+
+    logits = logit_scale * image_emb @ text_emb.T  # [B, B]; row i: image i against every report
+    targets = jnp.arange(logits.shape[0])
+    image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, targets)
+    return 0.5 * (image_to_text.mean() + text_to_image.mean())
+
+
+def class_sigmoid_loss(image_emb, class_emb, labels, mask, scale, bias) -> jax.Array:
+    """Masked sigmoid cross-entropy between image embeddings and class-prompt embeddings.
+
+    image_emb: [B, D] L2-normalised.  class_emb: [C, D] L2-normalised, one row per class prompt.
+    labels: [B, C] float, 1 = finding present, 0 = absent (values at masked entries are ignored).
+    mask: [B, C] float, 1 = counted, 0 = ignored (fractional weights are allowed).
+    scale, bias: scalars a, b of the logits z = a · image_emb @ class_embᵀ + b  [B, C].
+    Returns a float32 scalar:  Σ m · BCE(z, y) / max(Σ m, 1).
+    """
+    image_emb, class_emb = _f32(image_emb), _f32(class_emb)
+    labels, mask = _f32(labels), _f32(mask)
+    chex.assert_rank([image_emb, class_emb, labels, mask], 2,
+                     custom_message="image_emb [B, D], class_emb [C, D], labels, mask [B, C]")
+    chex.assert_equal_shape_suffix([image_emb, class_emb], 1,
+                                   custom_message="image_emb and class_emb differ in D")
+    expected = (image_emb.shape[0], class_emb.shape[0])
+    chex.assert_shape(labels, expected, custom_message=f"labels must be [B, C] = {expected}")
+    chex.assert_shape(mask, expected, custom_message=f"mask must be [B, C] = {expected}")
+    scale, bias = _scalar(scale, "class scale"), _scalar(bias, "class bias")
+
+    logits = scale * image_emb @ class_emb.T + bias  # [B, C]
+    # Masked labels are replaced by 0 before the cross-entropy: whatever was there (NaN for a
+    # missing CheXpert label, say) must not leak into the value or, via 0 * NaN, the gradient.
+    counted = mask > 0
+    labels = jnp.where(counted, labels, 0.0)
+    per_entry = optax.sigmoid_binary_cross_entropy(logits, labels)  # [B, C]
+    per_entry = jnp.where(counted, per_entry * mask, 0.0)
+    return per_entry.sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def hybrid_contrastive_loss(image_emb, text_emb, class_emb, labels, mask, *, logit_scale,
+                            class_scale, class_bias, class_weight):
+    """Image-Text-Class hybrid loss  L = L_it + λ · L_ic  (see the module docstring).
+
+    image_emb: [B, D], text_emb: [B, D], class_emb: [C, D], all L2-normalised.
+    labels, mask: [B, C] float (see `labels_and_mask`).
+    logit_scale: τ of the CLIP term; class_scale, class_bias: a, b of the class term;
+    class_weight: λ (0 gives the CLIP-only baseline, the class term is still reported).
+    Returns (loss, aux) with loss a float32 scalar and
+    aux = {"image_text": L_it, "image_class": L_ic} (float32 scalars, for logging).
+    """
+    image_text = clip_loss(image_emb, text_emb, logit_scale)
+    image_class = class_sigmoid_loss(image_emb, class_emb, labels, mask, class_scale, class_bias)
+    loss = image_text + _f32(class_weight) * image_class
+    return loss, {"image_text": image_text, "image_class": image_class}
+
+
+def labels_and_mask(raw, policy: str = "ignore", missing=None):
+    """CheXpert-style labels to (multi-hot targets, loss mask) under an uncertainty policy.
+
+    raw: [B, C] with 1 = positive, 0 = negative, -1 = uncertain; any int or float dtype.  In a
+      float array NaN marks a missing (unmentioned) label.
+    policy: how uncertain (-1) labels enter the loss —
+      "ignore": masked out (default);  "ones": counted as positive (U-Ones);
+      "zeros": counted as negative (U-Zeros).
+    missing: optional [B, C] bool, True = missing; combined with NaNs in ``raw``.
+      Missing labels are masked under every policy.
+    Returns (labels [B, C] float32 in {0, 1}, mask [B, C] float32 in {0, 1}); labels are 0
+    wherever mask is 0.  Jit-safe with ``policy`` static; with concrete inputs, values other than
+    -1/0/1/NaN raise a ValueError naming the first offending [row, class].
+    """
+    if policy not in LABEL_POLICIES:
+        raise ValueError(f"unknown label policy {policy!r}; valid policies: {', '.join(LABEL_POLICIES)}")
+    raw = jnp.asarray(raw)
+    chex.assert_rank(raw, 2, custom_message="raw labels must be [B, C]")
+    raw = raw.astype(jnp.float32)
+    is_missing = jnp.isnan(raw)
+    if missing is not None:
+        missing = jnp.asarray(missing)
+        chex.assert_shape(missing, raw.shape, custom_message=f"missing must match raw {raw.shape}")
+        is_missing = is_missing | missing.astype(bool)
+    _check_label_values(raw, is_missing)
+
+    positive = raw == 1
+    uncertain = raw == -1
+    if policy == "ones":
+        labels = positive | uncertain
+        mask = ~is_missing
+    elif policy == "zeros":
+        labels = positive
+        mask = ~is_missing
+    else:
+        labels = positive
+        mask = ~(is_missing | uncertain)
+    labels = labels & mask
+    return labels.astype(jnp.float32), mask.astype(jnp.float32)
+
+
+def _check_label_values(raw: jax.Array, is_missing: jax.Array) -> None:
+    """Raises on labels outside {-1, 0, 1}; skipped under tracing, where values are unknown."""
+    if isinstance(raw, jax.core.Tracer) or isinstance(is_missing, jax.core.Tracer):
+        return
+    bad = ~is_missing & (raw != -1) & (raw != 0) & (raw != 1)
+    if bool(bad.any()):
+        row, col = (int(i) for i in jnp.argwhere(bad)[0])
+        raise ValueError(
+            f"label at [{row}, {col}] is {float(raw[row, col])}; expected -1 (uncertain), "
+            f"0, 1 or NaN (missing)")
