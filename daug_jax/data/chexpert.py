@@ -1,0 +1,152 @@
+"""TFDS builder for CheXpert v1.0 (full or downsampled "small") (``chexpert_cxr``).
+
+Named ``chexpert_cxr`` because TFDS's own catalogue already registers ``chexpert`` (a builder
+that encodes images with TensorFlow).  One record per image, frontal views by default; splits
+``train`` (train.csv) and ``validation`` (valid.csv).  Features: see `daug_jax.data.real_common`.
+
+CheXpert ships no reports: ``report`` is "" in every record, and the text side of training sees
+only the class prompts ("a chest X-ray showing pleural effusion"), i.e. the image-class part of
+the hybrid loss.  Use it for classification, or with ``class_weight`` > 0 and no image-text
+term; image-report retrieval needs MIMIC-CXR.
+
+    builder = ChexpertCxr(config=ChexpertCxrConfig(image_size=224), data_dir="runs/tfds")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir="/data/chexpert"))
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import tensorflow_datasets as tfds
+
+from daug_jax.data import real_common as rc
+
+VARIANTS = ("CheXpert-v1.0-small", "CheXpert-v1.0")  # looked for in this order
+SPLITS = {"train": "train.csv", "validation": "valid.csv"}
+COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *rc.CHEXPERT_CLASSES)
+
+
+@dataclasses.dataclass(eq=False)  # like tfds.core.BuilderConfig (not frozen)
+class ChexpertCxrConfig(tfds.core.BuilderConfig):
+    """Image size and view filter; the config name is derived from them."""
+
+    name: str = ""
+    image_size: int = 224
+    frontal_only: bool = True
+
+    def __post_init__(self):
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if not self.name:
+            name = f"{self.image_size}px" + ("" if self.frontal_only else "_all_views")
+            self.name = name
+
+
+class ChexpertCxr(tfds.core.GeneratorBasedBuilder):
+    """CheXpert radiographs with the 14 labeller observations (no reports)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [ChexpertCxrConfig(image_size=224), ChexpertCxrConfig(image_size=64)]
+    DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """
+    Download CheXpert v1.0 from https://stanfordmlgroup.github.io/competitions/chexpert/ (or the
+    Stanford AIMI catalogue), either the downsampled CheXpert-v1.0-small or the full CheXpert-v1.0,
+    and extract it so that the manual directory holds the extracted folder itself:
+
+      CheXpert-v1.0-small/train.csv
+      CheXpert-v1.0-small/valid.csv
+      CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg ...
+      CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg ...
+
+    (or the same under CheXpert-v1.0/).  The CSV "Path" column is relative to the manual directory.
+    """
+
+    def __init__(self, *, config=None, **kwargs):
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(config=rc.predefined(type(self), config), **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=rc.features(self.builder_config.image_size),
+            metadata=tfds.core.MetadataDict(
+                class_names=list(rc.CHEXPERT_CLASSES),
+                frontal_only=self.builder_config.frontal_only),
+            homepage="https://stanfordmlgroup.github.io/competitions/chexpert/",
+        )
+
+    def _split_generators(self, dl_manager):
+        # Whichever variant has a train.csv; if none does, the error names the small one's files.
+        variant = VARIANTS[0]
+        try:
+            manual = dl_manager.manual_dir
+            variant = next((v for v in VARIANTS if (manual / v / "train.csv").exists()), variant)
+        except AssertionError:
+            pass  # absent or empty: require_files reports it
+        root = rc.require_files(dl_manager, self.name,
+                                [f"{variant}/{csv_name}" for csv_name in SPLITS.values()])
+        rows = {split: rc.read_csv(root / variant / csv_name, COLUMNS)
+                for split, csv_name in SPLITS.items()}
+        labels = {split: [rc.encode_labels(r, f"{variant}/{SPLITS[split]} Path {r['Path']}")
+                          for r in split_rows]
+                  for split, split_rows in rows.items()}
+        rc.start_drop_counts(self.info)
+        return {split: self._generate_examples(root, split, rows[split], labels[split])
+                for split in SPLITS}
+
+    def _download_and_prepare(self, dl_manager, download_config):
+        super()._download_and_prepare(dl_manager, download_config)
+        rc.log_drop_counts(f"{self.name}/{self.builder_config.name}", self.info)
+
+    def _generate_examples(self, root, split, rows, labels):
+        config, drops = self.builder_config, collections.Counter()
+        seen = set()
+
+        def candidates():
+            for row, label in zip(rows, labels):
+                reason = None
+                if row["Path"] in seen:
+                    reason = rc.DUPLICATE
+                elif config.frontal_only and row["Frontal/Lateral"].strip() != "Frontal":
+                    reason = rc.VIEW_EXCLUDED
+                seen.add(row["Path"])
+                if reason:
+                    drops[reason] += 1
+                else:
+                    yield row, label
+
+        for (row, (label, missing)), image, reason in rc.load_images(
+                candidates(), lambda item: root / item[0]["Path"], config.image_size):
+            if reason:
+                drops[reason] += 1
+                continue
+            # ".../train/patient00001/study1/view1_frontal.jpg": the id drops the variant folder
+            # so that the small and the full download give the same ids.
+            parts = row["Path"].split("/")
+            image_id = "/".join(parts[1:])
+            yield image_id, {
+                "image": image,
+                "report": "",
+                "labels": label,
+                "missing": missing,
+                "id": image_id,
+                "study_id": "/".join(parts[-3:-1]),
+                "subject_id": parts[-3],
+                "view": row["AP/PA"].strip() or row["Frontal/Lateral"].strip(),
+            }
+        rc.store_drop_counts(self.info, split, drops)
+
+
+def load_split(split: str, *, data_dir: str, manual_dir: str | None = None,
+               config: ChexpertCxrConfig | None = None):
+    """Builds ``chexpert_cxr`` if needed (from ``manual_dir``); returns a random-access source."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+    builder = ChexpertCxr(config=config or ChexpertCxr.BUILDER_CONFIGS[0], data_dir=data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return builder.as_data_source(split=split)

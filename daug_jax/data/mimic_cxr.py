@@ -1,0 +1,239 @@
+"""TFDS builder for MIMIC-CXR-JPG 2.0.0 with its free-text reports (``mimic_cxr``).
+
+Images, CheXpert labels and the official split come from MIMIC-CXR-JPG; the reports come from
+MIMIC-CXR (``mimic-cxr-reports.zip``); both are credentialed PhysioNet downloads, placed by hand
+(see ``MimicCxr.MANUAL_DOWNLOAD_INSTRUCTIONS``).  One record per image: frontal views (PA, AP) by
+default, each paired with its study's report.  Features: see `daug_jax.data.real_common`.
+
+    builder = MimicCxr(config=MimicCxrConfig(image_size=224), data_dir="runs/tfds")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir="/data/mimic-cxr-jpg/2.0.0"))
+    train = builder.as_data_source(split="train")  # also "validation", "test"
+
+Report text (``report_section``), in order of preference; a study whose report has neither
+FINDINGS nor IMPRESSION is dropped (counted as ``report_no_sections``):
+
+    "findings"             FINDINGS, else IMPRESSION
+    "impression"           IMPRESSION, else FINDINGS
+    "findings+impression"  both joined, else whichever exists
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+import tensorflow_datasets as tfds
+
+from daug_jax.data import real_common as rc
+
+SPLIT_CSV = "mimic-cxr-2.0.0-split.csv.gz"
+METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
+CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv.gz"
+IMAGE_DIR = "files"
+REPORT_DIR = "mimic-cxr-reports/files"
+REQUIRED = (SPLIT_CSV, METADATA_CSV, CHEXPERT_CSV, IMAGE_DIR, REPORT_DIR)
+
+SPLITS = {"train": "train", "validate": "validation", "test": "test"}  # MIMIC name -> TFDS name
+REPORT_SECTIONS = ("findings", "impression", "findings+impression")
+
+# A section heading: an upper-case phrase ending in ':' at the start of a line, e.g.
+# "FINDINGS:", "IMPRESSION:", "FINDINGS AND IMPRESSION:", "PA AND LATERAL VIEWS OF THE CHEST:".
+_HEADING = re.compile(r"^[ \t]*([A-Z][A-Z ,&/()-]*?)[ \t]*:", re.MULTILINE)
+
+
+def report_sections(text: str) -> dict[str, str]:
+    """Splits a MIMIC-CXR report at its upper-case headings -> ``{"FINDINGS": "...", ...}``.
+
+    Section bodies run to the next heading, with whitespace collapsed; text before the first
+    heading (the "FINAL REPORT" banner) is not a section.  A repeated heading is concatenated.
+    """
+    matches = list(_HEADING.finditer(text))
+    sections: dict[str, str] = {}
+    for m, nxt in zip(matches, matches[1:] + [None]):
+        body = " ".join(text[m.end():nxt.start() if nxt else len(text)].split())
+        name = " ".join(m.group(1).split())
+        sections[name] = f"{sections[name]} {body}".strip() if name in sections else body
+    return sections
+
+
+def select_report(text: str, report_section: str) -> str:
+    """The report text used for training ("" when the report has neither section).
+
+    ``report_section`` is one of REPORT_SECTIONS (see module docstring).
+    """
+    if report_section not in REPORT_SECTIONS:
+        raise ValueError(f"report_section {report_section!r} is not one of {REPORT_SECTIONS}")
+    sections = report_sections(text)
+    both = sections.get("FINDINGS AND IMPRESSION", "")
+    findings = sections.get("FINDINGS", "") or both
+    impression = sections.get("IMPRESSION", "") or both
+    if report_section == "findings":
+        return findings or impression
+    if report_section == "impression":
+        return impression or findings
+    return " ".join(dict.fromkeys(s for s in (findings, impression) if s))  # dedups `both`
+
+
+def read_report(path, report_section: str) -> str | None:
+    """The selected text of a report file ("" if it has no usable section, None if absent)."""
+    if not path.exists():
+        return None
+    return select_report(path.read_bytes().decode("utf-8", "replace"), report_section)
+
+
+def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
+    """``files/p10/p10000032/s50414267/<dicom_id>.jpg`` (relative to the manual directory)."""
+    return f"{IMAGE_DIR}/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+
+
+def report_path(subject_id: str, study_id: str) -> str:
+    """``mimic-cxr-reports/files/p10/p10000032/s50414267.txt``."""
+    return f"{REPORT_DIR}/p{subject_id[:2]}/p{subject_id}/s{study_id}.txt"
+
+
+@dataclasses.dataclass(eq=False)  # like tfds.core.BuilderConfig (not frozen)
+class MimicCxrConfig(tfds.core.BuilderConfig):
+    """Image size, report text and kept views; the config name is derived from them."""
+
+    name: str = ""
+    image_size: int = 224
+    report_section: str = "findings+impression"
+    views: tuple[str, ...] = ("PA", "AP")  # DICOM ViewPosition values kept
+
+    def __post_init__(self):
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if self.report_section not in REPORT_SECTIONS:
+            raise ValueError(
+                f"report_section {self.report_section!r} is not one of {REPORT_SECTIONS}")
+        if not self.name:
+            name = f"{self.image_size}px_{self.report_section.replace('+', '_')}"
+            if tuple(self.views) != ("PA", "AP"):
+                name += "_" + "-".join(re.sub(r"\W", "", v) for v in self.views)
+            self.name = name
+
+
+class MimicCxr(tfds.core.GeneratorBasedBuilder):
+    """MIMIC-CXR-JPG radiographs with report sections and CheXpert labels."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [MimicCxrConfig(image_size=224), MimicCxrConfig(image_size=64)]
+    DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+    Needs a credentialed PhysioNet account (https://physionet.org).  Into the manual directory put
+    (the layout of physionet.org/files/mimic-cxr-jpg/2.0.0/ plus the unzipped reports):
+
+      {SPLIT_CSV}
+      {METADATA_CSV}
+      {CHEXPERT_CSV}
+      {IMAGE_DIR}/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg ...
+      {REPORT_DIR}/p10/p10000032/s50414267.txt ...
+
+    The first four come from MIMIC-CXR-JPG 2.0.0.  The reports are mimic-cxr-reports.zip from
+    MIMIC-CXR 2.0.0 (physionet.org/content/mimic-cxr/2.0.0/): unzip it into a folder named
+    mimic-cxr-reports, so that its files/ folder becomes mimic-cxr-reports/files/.
+    """
+
+    def __init__(self, *, config=None, **kwargs):
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(config=rc.predefined(type(self), config), **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        config = self.builder_config
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=rc.features(config.image_size),
+            metadata=tfds.core.MetadataDict(
+                class_names=list(rc.CHEXPERT_CLASSES), report_section=config.report_section,
+                views=list(config.views)),
+            homepage="https://physionet.org/content/mimic-cxr-jpg/2.0.0/",
+        )
+
+    def _split_generators(self, dl_manager):
+        root = rc.require_files(dl_manager, self.name, REQUIRED)
+        by_split = collections.defaultdict(list)
+        for row in rc.read_csv(root / SPLIT_CSV, ("dicom_id", "study_id", "subject_id", "split")):
+            if row["split"] not in SPLITS:
+                raise ValueError(f"{SPLIT_CSV}: dicom_id {row['dicom_id']} has split "
+                                 f"{row['split']!r}; expected one of {list(SPLITS)}")
+            by_split[SPLITS[row["split"]]].append(row)
+        positions = {r["dicom_id"]: r["ViewPosition"].strip()
+                 for r in rc.read_csv(root / METADATA_CSV, ("dicom_id", "ViewPosition"))}
+        # All labels are parsed before any record is written: a malformed label file fails
+        # at once, not half way through the build.
+        labels = {r["study_id"]: rc.encode_labels(r, f"{CHEXPERT_CSV} study_id {r['study_id']}")
+                  for r in rc.read_csv(root / CHEXPERT_CSV,
+                                       ("subject_id", "study_id", *rc.CHEXPERT_CLASSES))}
+        rc.start_drop_counts(self.info)
+        return {split: self._generate_examples(root, split, by_split[split], positions, labels)
+                for split in SPLITS.values()}
+
+    def _download_and_prepare(self, dl_manager, download_config):
+        super()._download_and_prepare(dl_manager, download_config)
+        rc.log_drop_counts(f"{self.name}/{self.builder_config.name}", self.info)
+
+    def _generate_examples(self, root, split, rows, positions, labels):
+        config, drops = self.builder_config, collections.Counter()
+        reports: dict[str, str | None] = {}  # study_id -> text; one report serves several images
+        seen = set()
+
+        def candidates():
+            for row in rows:
+                dicom, study, subject = row["dicom_id"], row["study_id"], row["subject_id"]
+                reason = None
+                if dicom in seen:
+                    reason = rc.DUPLICATE
+                elif dicom not in positions:
+                    reason = rc.METADATA_MISSING
+                elif positions[dicom] not in config.views:
+                    reason = rc.VIEW_EXCLUDED
+                elif study not in labels:
+                    reason = rc.LABELS_MISSING
+                else:
+                    if study not in reports:
+                        reports[study] = read_report(root / report_path(subject, study),
+                                                     config.report_section)
+                    if reports[study] is None:
+                        reason = rc.REPORT_MISSING
+                    elif not reports[study]:
+                        reason = rc.REPORT_NO_SECTIONS
+                seen.add(dicom)
+                if reason:
+                    drops[reason] += 1
+                else:
+                    yield row
+
+        def path_of(row):
+            return root / image_path(row["subject_id"], row["study_id"], row["dicom_id"])
+
+        for row, image, reason in rc.load_images(candidates(), path_of, config.image_size):
+            if reason:
+                drops[reason] += 1
+                continue
+            study = row["study_id"]
+            yield row["dicom_id"], {
+                "image": image,
+                "report": reports[study],
+                "labels": labels[study][0],
+                "missing": labels[study][1],
+                "id": row["dicom_id"],
+                "study_id": study,
+                "subject_id": row["subject_id"],
+                "view": positions[row["dicom_id"]],
+            }
+        rc.store_drop_counts(self.info, split, drops)
+
+
+def load_split(split: str, *, data_dir: str, manual_dir: str | None = None,
+               config: MimicCxrConfig | None = None):
+    """Builds ``mimic_cxr`` if needed (from ``manual_dir``) and returns a random-access source."""
+    if split not in SPLITS.values():
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS.values())}")
+    builder = MimicCxr(config=config or MimicCxr.BUILDER_CONFIGS[0], data_dir=data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return builder.as_data_source(split=split)
