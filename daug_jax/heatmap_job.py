@@ -1,0 +1,344 @@
+"""The heatmap dataset: DAug channels for every record of a split, written once, read by index.
+
+    daug-jax heatmaps --diffusion runs/diffusion --classifier runs/classifier \\
+        --targets "Pleural Effusion,No Finding" --out runs/heatmaps
+
+writes ``runs/heatmaps/<split>/`` for each split of the benchmark: array_record shards whose
+record i is ``{"index": i, "id": <source id>, "heatmaps": [H, W, K]}`` and a ``metadata.json``
+(scale constant, targets, encode level, DDIM steps, guidance scale).  The scale constant is
+calibrated once on the first images of the first split and kept in ``calibration.json``, so all
+splits, and a rerun, share it.  An interrupted job rerun with the same command redoes only the
+shards that are not complete.
+
+``daug-jax bench heatmaps`` times the compiled program against the Python-dispatched loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from array_record.python import array_record_data_source, array_record_module
+from flax import serialization
+from tqdm import tqdm
+
+from daug_jax.data import pipeline
+from daug_jax.heatmaps import (HeatmapFn, calibrate_scale, init_models, load_models,
+                               make_heatmap_fn, scale_heatmaps, to_model_space,
+                               translate_python_loop)
+
+_METADATA = "metadata.json"
+_CALIBRATION = "calibration.json"
+
+
+def _shard_name(k: int, num_shards: int) -> str:
+    return f"heatmaps-{k:05d}-of-{num_shards:05d}.array_record"
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _num_records(path: str) -> int | None:
+    """Records in a finished array_record file, or None if it is missing or unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        reader = array_record_module.ArrayRecordReader(path)
+        count = reader.num_records()
+        reader.close()
+        return count
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scale_constant: float,
+                          *, batch_size: int = 16, shard_size: int = 256, dtype: str = "uint8",
+                          extra_metadata: dict | None = None) -> dict:
+    """Writes the heatmaps of every record of ``source``, aligned 1:1 with it; returns the metadata.
+
+    source: random-access split whose records have "id" and "image" ([H, W, C] uint8, or float in
+    [0, 1]).  Record i of the output is
+    ``{"index": i, "id": source[i]["id"], "heatmaps": [H, W, K]}``
+    (uint8 = round(255 * channel), or float16), stored in array_record shards of ``shard_size``
+    records.  Each shard is written under a temporary name and renamed once complete, so a rerun
+    after an interruption redoes only the shards that are not there and the result has exactly one
+    record per source id.  ``metadata.json`` holds the scale constant, the targets and the DDIM
+    settings; a rerun with different settings is refused rather than mixed in.
+    """
+    if dtype not in ("uint8", "float16"):
+        raise ValueError(f"dtype must be 'uint8' or 'float16', got {dtype!r}")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be positive, got {batch_size}, "
+                         f"{shard_size}")
+    n = len(source)
+    num_shards = max(1, -(-n // shard_size))
+    meta = {"num_records": n, "shard_size": shard_size, "dtype": dtype,
+            "scale_constant": float(scale_constant),
+            "shards": [_shard_name(k, num_shards) for k in range(num_shards)],
+            **heatmap_fn.settings(), **(extra_metadata or {})}
+    meta = json.loads(json.dumps(meta))
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, _METADATA)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if diff:
+            raise ValueError(f"{out_dir} holds heatmaps made with other settings "
+                             f"({', '.join(diff)}: {[old.get(k) for k in diff]} vs "
+                             f"{[meta.get(k) for k in diff]}); use another output directory")
+    _write_json(meta_path, meta)
+    for name in os.listdir(out_dir):          # leftovers of an interrupted shard
+        if name.startswith("heatmaps-") and name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))
+
+    def rows(k):
+        return range(k * shard_size, min(n, (k + 1) * shard_size))
+
+    todo = [k for k in range(num_shards)
+            if _num_records(os.path.join(out_dir, meta["shards"][k])) != len(rows(k))]
+    bar = tqdm(total=sum(len(rows(k)) for k in todo), desc=f"heatmaps {os.path.basename(out_dir)}",
+               unit="img")
+    for k in todo:
+        path = os.path.join(out_dir, meta["shards"][k])
+        writer = array_record_module.ArrayRecordWriter(f"{path}.tmp", "group_size:1")
+        try:
+            for start in range(rows(k).start, rows(k).stop, batch_size):
+                index = np.arange(start, min(rows(k).stop, start + batch_size))
+                batch = pipeline.read(source, index)
+                if "id" not in batch:
+                    raise ValueError(f"source records need an 'id' field, got {sorted(batch)}")
+                x = to_model_space(batch["image"])
+                # Pad a shard's last batch to the compiled batch size (rows are independent).
+                x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), axis=0)])
+                _, raw = heatmap_fn(x)
+                heat = scale_heatmaps(jax.device_get(raw)[:len(index)], scale_constant)
+                heat = (np.round(heat * 255).astype(np.uint8) if dtype == "uint8"
+                        else heat.astype(np.float16))
+                for j, i in enumerate(index):
+                    writer.write(serialization.msgpack_serialize(
+                        {"index": int(i), "id": str(batch["id"][j]), "heatmaps": heat[j]}))
+                bar.update(len(index))
+        except BaseException:
+            writer.close()
+            os.remove(f"{path}.tmp")
+            raise
+        writer.close()
+        os.replace(f"{path}.tmp", path)
+    bar.close()
+    return meta
+
+
+class HeatmapSource:
+    """Random access to a heatmap dataset: ``source[i] -> {"index", "id", "heatmaps"}``.
+
+    ``heatmaps``: [H, W, K] float32.
+
+    Values are the [0, 1] channels (uint8 storage decoded as v / 255).
+    """
+
+    def __init__(self, directory: str):
+        path = os.path.join(directory, _METADATA)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no heatmap dataset in {directory} (missing {_METADATA})")
+        with open(path) as f:
+            self.metadata = json.load(f)
+        paths = [os.path.join(directory, s) for s in self.metadata["shards"]]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"heatmap dataset {directory} is incomplete ({len(missing)} "
+                                    f"shards missing, e.g. {missing[0]}); rerun the heatmaps job")
+        self._records = array_record_data_source.ArrayRecordDataSource(paths)
+        if len(self._records) != self.metadata["num_records"]:
+            raise ValueError(f"heatmap dataset {directory} has {len(self._records)} records, "
+                             f"metadata says {self.metadata['num_records']}")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _decode(self, raw: bytes) -> dict:
+        record = serialization.msgpack_restore(raw)
+        heat = record["heatmaps"]
+        record["heatmaps"] = (heat.astype(np.float32) / 255.0 if heat.dtype == np.uint8
+                              else heat.astype(np.float32))
+        return record
+
+    def __getitem__(self, index: int) -> dict:
+        return self._decode(self._records[int(index)])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        return [self._decode(r) for r in self._records.__getitems__([int(i) for i in indices])]
+
+
+def attach_heatmaps(data: dict, directory: str) -> dict:
+    """``data`` (a dict of arrays with "id", like `synthetic.generate` output) plus "heatmaps"
+    [N, H, W, K] float32 from a heatmap dataset, matched by id (a TFDS split may store the
+    records in another order than ``data`` has them).
+    """
+    source = HeatmapSource(directory)
+    records = source.__getitems__(range(len(source)))
+    by_id = {r["id"]: r["heatmaps"] for r in records}
+    ids = [str(i) for i in np.asarray(data["id"])]
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(ids)} records have no heatmap in {directory}, "
+                         f"e.g. id {missing[0]!r} (heatmaps made from another split?)")
+    return {**data, "heatmaps": np.stack([by_id[i] for i in ids])}
+
+
+# ----------------------------------------------------------------------------- calibration
+def raw_heatmaps_of(heatmap_fn: HeatmapFn, source: Any, indices: Sequence[int],
+                    batch_size: int) -> np.ndarray:
+    """Raw heatmaps [N, H, W, K] of ``source`` records ``indices``, in padded batches."""
+    out = []
+    for start in tqdm(range(0, len(indices), batch_size), desc="calibration", unit="batch"):
+        index = np.asarray(indices[start:start + batch_size])
+        x = to_model_space(pipeline.read(source, index)["image"])
+        x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), axis=0)])
+        out.append(jax.device_get(heatmap_fn(x)[1])[:len(index)])
+    return np.concatenate(out)
+
+
+def calibrate(heatmap_fn: HeatmapFn, source: Any, out_dir: str, *, num_images: int,
+              percentile: float, batch_size: int) -> dict:
+    """The dataset's scale constant, with how it was found: read from ``calibration.json`` or
+    computed on the first ``num_images`` records of ``source`` and stored there."""
+    path = os.path.join(out_dir, _CALIBRATION)
+    settings = {**heatmap_fn.settings(), "num_images": int(min(num_images, len(source))),
+                "percentile": float(percentile)}
+    settings = json.loads(json.dumps(settings))
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if {k: stored.get(k) for k in settings} != settings:
+            raise ValueError(f"{path} was calibrated with other settings {stored}; "
+                             f"use another output directory")
+        return stored
+    raw = raw_heatmaps_of(heatmap_fn, source, range(settings["num_images"]), batch_size)
+    calibration = {**settings, "scale_constant": calibrate_scale(raw, percentile)}
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(path, calibration)
+    return calibration
+
+
+# ----------------------------------------------------------------------------- CLI
+def _open_split(args, split: str, image_size: int):
+    """A random-access split: a prepared TFDS dataset directory, or the synthetic benchmark."""
+    if args.dataset_dir:
+        import tensorflow_datasets as tfds
+
+        return tfds.builder_from_directory(args.dataset_dir).as_data_source(split=split)
+    from daug_jax.data import builders
+
+    config = builders.SyntheticCxrConfig(
+        image_size=image_size, num_train=args.num_train, num_validation=args.num_validation,
+        num_test=args.num_test, seed=args.seed)
+    return builders.load_split(split, data_dir=args.data_dir, config=config)
+
+
+def _run(argv: list[str]) -> int:
+    from daug_jax.config import load_config
+
+    parser = argparse.ArgumentParser(prog="daug-jax heatmaps", description=__doc__.splitlines()[0])
+    parser.add_argument("--diffusion", default="runs/diffusion", help="diffusion workdir")
+    parser.add_argument("--classifier", default="runs/classifier", help="classifier workdir")
+    parser.add_argument("--targets", help='e.g. "Pleural Effusion,No Finding" (default: config)')
+    parser.add_argument("--out", default="runs/heatmaps")
+    parser.add_argument("--config", default="heatmaps", help="experiments/<name>.py or a .py path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--splits", default="train,validation,test")
+    parser.add_argument("--dataset-dir", help="a prepared TFDS dataset directory (default: the "
+                        "synthetic benchmark, built under --data-dir if needed)")
+    parser.add_argument("--data-dir", default="runs/tfds")
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-validation", type=int, default=500)
+    parser.add_argument("--num-test", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    models = load_models(args.diffusion, args.classifier)
+    heatmap_fn = make_heatmap_fn(
+        models.eps_fn, models.logit_fn, models.alpha_bar, args.targets or config.targets,
+        models.class_names, level=config.level, num_steps=config.num_steps, scale=config.scale,
+        smooth_sigma=config.smooth_sigma, image_shape=models.image_shape)
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    sources = {s: _open_split(args, s, models.image_shape[0]) for s in splits}
+    calibration = calibrate(heatmap_fn, sources[splits[0]], args.out,
+                               num_images=config.calibration.num_images,
+                               percentile=config.calibration.percentile,
+                               batch_size=config.batch_size)
+    scale_constant = calibration["scale_constant"]
+    print(f"heatmaps: targets {[t.spec for t in heatmap_fn.targets]}, scale constant "
+          f"{scale_constant:.4g} (raw |x_c - x0| at the {config.calibration.percentile}th "
+          f"percentile)")
+    for split, source in sources.items():
+        meta = write_heatmap_dataset(
+            source, os.path.join(args.out, split), heatmap_fn, scale_constant,
+            batch_size=config.batch_size, shard_size=config.shard_size, dtype=config.dtype,
+            extra_metadata={"split": split, "calibration": calibration})
+        print(f"heatmaps {split}: {meta['num_records']} records in {len(meta['shards'])} shards "
+              f"under {os.path.join(args.out, split)}")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    from daug_jax.config import load_config
+    from daug_jax.data import synthetic
+
+    parser = argparse.ArgumentParser(prog="daug-jax bench heatmaps",
+                                     description="compiled program vs Python-dispatched loop")
+    parser.add_argument("--config", default="diffusion", help="model config (fresh weights)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--targets", default="Pleural Effusion,No Finding")
+    parser.add_argument("--level", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--scale", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    models = init_models(config, (args.size, args.size, 1), synthetic.CLASS_NAMES,
+                         jax.random.key(0))
+    heatmap_fn = make_heatmap_fn(
+        models.eps_fn, models.logit_fn, models.alpha_bar, args.targets, models.class_names,
+        level=args.level, num_steps=args.steps, scale=args.scale, smooth_sigma=1.0,
+        image_shape=models.image_shape)
+    x = to_model_space(synthetic.generate(args.batch, image_size=args.size, seed=0)["image"])
+    work = args.batch * len(heatmap_fn.targets)
+    print(f"bench heatmaps: {jax.device_count()} x {jax.devices()[0].device_kind}, "
+          f"{args.size}x{args.size}, batch {args.batch}, {len(heatmap_fn.targets)} targets, "
+          f"L={args.level}, {args.steps} + {args.steps} DDIM steps")
+    runs = {"compiled program": lambda: heatmap_fn(x),
+            "python-dispatched loop": lambda: translate_python_loop(heatmap_fn, x)}
+    first, times = {}, {name: [] for name in runs}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        jax.block_until_ready(run())              # compiles (whole program / each network call)
+        first[name] = time.perf_counter() - start
+    for _ in tqdm(range(args.repeats), desc="bench", leave=False):
+        for name, run in runs.items():           # interleaved: both see the same machine load
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times[name].append(time.perf_counter() - start)
+    for name in runs:
+        best, median = min(times[name]), float(np.median(times[name]))
+        print(f"  {name:>22}: {best:.3f} s/batch best, {median:.3f} median -> "
+              f"{work / best:7.1f} images*classes/s (first call incl. compilation "
+              f"{first[name]:.1f} s)")
+    speedup = min(times["python-dispatched loop"]) / min(times["compiled program"])
+    print(f"  compiled / python-dispatched throughput (best of {args.repeats}): {speedup:.2f}x")
+    return 0
+
+
+def main(command: str, argv: list[str]) -> int:
+    return _bench(argv) if command == "bench heatmaps" else _run(argv)

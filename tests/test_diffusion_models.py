@@ -1,0 +1,195 @@
+"""The epsilon-UNet, the noise-aware classifier and their training loop (tiny widths, CPU)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from daug_jax import parallel
+from daug_jax.diffusion import NoiseAwareClassifier, UNet, eps_loss, masked_bce, q_sample
+from daug_jax.diffusion import train as dtrain
+from experiments.diffusion import get_config
+
+TINY = dict(ch=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
+
+
+def _random_params(model, x, t, seed=0):
+    """Random values for every parameter, drawn on the host: no init program to compile, and
+    non-zero output convolutions (a fresh net zeroes them, which would hide any dependence)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+@pytest.mark.parametrize("attention", [(), (16,)])
+def test_unet_output_shape(attention):
+    model = UNet(attention_resolutions=attention, num_heads=2, **TINY)
+    x, t = jnp.zeros((2, 32, 32, 1)), jnp.array([3, 3], jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+    assert any("AttentionBlock" in k for k in params) == bool(attention)
+    eps = jax.eval_shape(model.apply, {"params": params}, x, t)
+    assert eps.shape == x.shape and eps.dtype == jnp.float32
+    bf16 = UNet(attention_resolutions=attention, dtype=jnp.bfloat16, **TINY)
+    variables = jax.eval_shape(bf16.init, jax.random.key(0), x, t)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+    assert jax.eval_shape(bf16.apply, variables, x, t).dtype == jnp.float32
+
+
+def test_unet_output_depends_on_level():
+    model = UNet(**{**TINY, "channel_mult": (1,)}, attention_resolutions=(16,), num_heads=2)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 16, 16, 1)).astype(np.float32)
+    x = jnp.asarray(np.concatenate([x, x]))
+    params = _random_params(model, x, jnp.zeros((2,), jnp.int32))
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, x, t))
+    out = apply(params, jnp.array([5, 700], jnp.int32))
+    assert out.shape == x.shape
+    assert float(jnp.max(jnp.abs(out[0] - out[1]))) > 1e-2, "output ignores the level t"
+    again = apply(params, jnp.array([5, 5], jnp.int32))
+    np.testing.assert_allclose(again[0], again[1], atol=1e-5)
+    np.testing.assert_allclose(again[0], out[0], atol=1e-5)
+
+
+def test_unet_rejects_indivisible_size():
+    model = UNet(**{**TINY, "channel_mult": (1, 2, 2)})
+    with pytest.raises(ValueError, match="divisible by 4"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 30, 30, 1)), jnp.zeros((1,), jnp.int32))
+
+
+def test_classifier_logits_shape():
+    model = NoiseAwareClassifier(num_classes=7, attention_resolutions=(8,), **TINY)
+    x, t = jnp.zeros((3, 16, 16, 1)), jnp.array([0, 100, 999], jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x, t)
+    logits = jax.eval_shape(model.apply, variables, x, t)
+    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+
+
+def test_masked_bce_value_and_gradient_ignore_uncertain():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 5)) * 3
+    labels = rng.choice([-1, 0, 1], size=(4, 5)).astype(np.int8)
+    labels[0, 0] = -1
+    known = labels >= 0
+    grad_fn = jax.jit(jax.value_and_grad(masked_bce))
+    y = np.where(known, labels, 0).astype(np.float64)
+    p = 1 / (1 + np.exp(-logits))
+    reference = -(y * np.log(p) + (1 - y) * np.log(1 - p))[known].mean()
+    loss, _ = grad_fn(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+    assert float(loss) == pytest.approx(reference, rel=1e-5)
+    # Extreme logits where the label is uncertain change nothing, not even through a nan.
+    wild = np.where(known, logits, 1e4 * np.sign(rng.normal(size=logits.shape)))
+    loss_w, grad = grad_fn(jnp.asarray(wild, jnp.float32), jnp.asarray(labels))
+    assert float(loss_w) == pytest.approx(float(loss), rel=1e-6)
+    assert np.all(np.asarray(grad)[~known] == 0) and np.all(np.isfinite(grad))
+    # The known entries get d/dz = (sigmoid(z) - y) / n_known.
+    np.testing.assert_allclose(np.asarray(grad)[known], ((p - y)[known]) / known.sum(), rtol=1e-4, atol=1e-7)
+    nothing_known = grad_fn(jnp.ones((4, 5)), -jnp.ones((4, 5), jnp.int8))
+    assert float(nothing_known[0]) == 0.0 and not np.any(nothing_known[1])
+
+
+def _tiny_config(steps, save_every=4):
+    # One resolution level: XLA:CPU compile time grows with the number of blocks, not widths.
+    config = get_config()
+    for name in ("unet", "classifier"):
+        config[name].update(ch=8, channel_mult=(1,), num_res_blocks=1, norm_groups=4)
+    config.classifier.max_level = 300
+    for name in ("unet_train", "classifier_train"):
+        config[name].update(steps=steps, batch_size=4, save_every=save_every, log_every=2,
+                            warmup_steps=2)
+    return config
+
+
+def _images(n=12, size=8, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, (n, size, size, 1)).astype(np.float32)
+
+
+def test_diffusion_steps_reduce_eps_loss():
+    # The very programs train_diffusion compiles for the tiny config (shared with the next test).
+    config = _tiny_config(8)
+    model, init, step = dtrain._programs("diffusion", dtrain._spec(config, "diffusion"),
+                                         parallel.make_mesh())
+    # Four smooth, distinct patterns (a learnable distribution, unlike uniform noise).
+    yy, xx = np.mgrid[:8, :8] / 7.0
+    images = np.stack([(np.sin(3 * xx + k) * np.cos(2 * yy) + 1) / 2 for k in range(4)])[..., None]
+    # Placed as train_diffusion places them, so the compiled step is reused there.
+    mesh = parallel.make_mesh()
+    batch = parallel.shard_batch({"image": images.astype(np.float32)}, mesh)
+    key = jax.device_put(dtrain.prng_key(1), parallel.replicated(mesh))
+    state = init(dtrain.prng_key(0), (8, 8, 1))
+
+    # A fixed evaluation set of levels and noises, so the comparison is not noise in the loss.
+    ab = jnp.asarray(dtrain.alpha_bar_of(config))
+    x0 = jnp.tile(batch["image"] * 2 - 1, (2, 1, 1, 1))
+    t_eval = jnp.array([50, 200, 400, 600, 700, 800, 900, 990], jnp.int32)
+    n_eval = jnp.asarray(np.random.default_rng(9).standard_normal(x0.shape), jnp.float32)
+    x_eval = q_sample(x0, t_eval, n_eval, ab)
+    evaluate = jax.jit(lambda p: eps_loss(model.apply({"params": p}, x_eval, t_eval), n_eval))
+
+    before = float(evaluate(state["params"]))
+    for _ in range(40):
+        state, metrics = step(state, batch, key)
+    after = float(evaluate(state["params"]))
+    assert int(state["step"]) == 40 and np.isfinite(float(metrics["loss"]))
+    assert after < 0.6 * before, (before, after)
+    assert float(evaluate(state["ema"])) < before
+
+
+def test_resume_equals_uninterrupted_and_load_round_trip(tmp_path):
+    images = _images()
+    full = dtrain.train_diffusion(_tiny_config(8), images, str(tmp_path / "full"))
+    dtrain.train_diffusion(_tiny_config(4), images, str(tmp_path / "split"))
+    resumed = dtrain.train_diffusion(_tiny_config(8), images, str(tmp_path / "split"))
+    jax.tree.map(np.testing.assert_array_equal, full, resumed)
+
+    rows = [json.loads(r) for r in open(tmp_path / "split" / "log.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    full_rows = [json.loads(r) for r in open(tmp_path / "full" / "log.jsonl")]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
+
+    model, params, config = dtrain.load_diffusion(str(tmp_path / "split"))
+    jax.tree.map(np.testing.assert_array_equal, params, resumed)
+    assert isinstance(model, UNet) and config.image_shape == (8, 8, 1)
+    assert config.diffusion.schedule == "cosine" and config.unet.ch == 8
+    eps = jax.eval_shape(model.apply, {"params": params}, jnp.zeros((2, 8, 8, 1)), jnp.array([1, 2]))
+    assert eps.shape == (2, 8, 8, 1)
+    dtrain.check_image_shape(config, np.zeros((2, 8, 8, 1)))
+    with pytest.raises(ValueError, match=r"\[B, 8, 8, 1\].*\[2, 16, 16, 1\]"):
+        dtrain.check_image_shape(config, np.zeros((2, 16, 16, 1)))
+
+    # A changed architecture or image size refuses to resume instead of mis-restoring.
+    wider = _tiny_config(10)
+    wider.unet.ch = 16
+    with pytest.raises(ValueError, match=r"unet\.ch: 8 -> 16"):
+        dtrain.train_diffusion(wider, images, str(tmp_path / "split"))
+    with pytest.raises(ValueError, match="image_shape"):
+        dtrain.train_diffusion(_tiny_config(10), _images(size=16), str(tmp_path / "split"))
+    with pytest.raises(ValueError, match="not a classifier"):
+        dtrain.load_classifier(str(tmp_path / "split"))
+
+
+def test_train_classifier_and_load(tmp_path):
+    images = _images()
+    labels = np.random.default_rng(1).choice([-1, 0, 1], size=(12, 3)).astype(np.int8)
+    names = ("No Finding", "Cardiomegaly", "Pleural Effusion")
+    params = dtrain.train_classifier(_tiny_config(3), images, labels, str(tmp_path / "clf"),
+                                     class_names=names)
+    model, loaded, config = dtrain.load_classifier(str(tmp_path / "clf"))
+    jax.tree.map(np.testing.assert_array_equal, params, loaded)
+    assert config.class_names == names and config.classifier.max_level == 300
+    logits = jax.eval_shape(model.apply, {"params": loaded}, jnp.zeros((2, 8, 8, 1)), jnp.array([0, 5]))
+    assert logits.shape == (2, 3)
+    rows = [json.loads(r) for r in open(tmp_path / "clf" / "log.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(0 <= r["accuracy"] <= 1 for r in rows)
+
+    bad = labels.copy()
+    bad[4, 2] = 2
+    with pytest.raises(ValueError, match=r"labels\[4, 2\] = 2"):
+        dtrain.train_classifier(_tiny_config(3), images, bad, str(tmp_path / "bad"), class_names=names)
+    with pytest.raises(ValueError, match="2 class names"):
+        dtrain.train_classifier(_tiny_config(3), images, labels, str(tmp_path / "bad"),
+                                class_names=names[:2])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        dtrain.train_diffusion(_tiny_config(3), images * 2 - 1, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad" / "meta.json")
