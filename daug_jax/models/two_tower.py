@@ -1,0 +1,158 @@
+"""The two-tower model: images and reports in one embedding space, class prompts as classifiers.
+
+    images [B, H, W, C]     -> image tower -> L2-normalise -> image_emb [B, D]
+    report tokens [B, L]    -> text tower  -> L2-normalise -> text_emb  [B, D]
+    class prompts [K, L]    -> text tower  -> L2-normalise -> class_emb [K, D]
+
+plus three learned scalars: the CLIP temperature (``logit_scale``, stored as its log) and the
+SigLIP-style scale and bias of the image-class sigmoid logits.  The class prompts ("a chest X-ray
+showing pleural effusion") go through the text tower at every step, so the class embeddings
+move with it; at inference they are a ready-made linear classifier over image embeddings.
+The losses live in `daug_jax.losses`; this file only computes embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from daug_jax.models.text import BertConfig, TextTower
+from daug_jax.models.vision import build_vision_tower
+
+NO_FINDING = "No Finding"
+FILLS = ("repeat", "heatmaps")  # how the image tower's extra channels are filled
+
+
+def class_prompts(class_names: Sequence[str]) -> list[str]:
+    """One prompt per class, e.g. "a chest X-ray showing pleural effusion".
+
+    "No Finding" becomes "a chest X-ray with no findings": "showing no finding" would put a
+    negation inside a sentence that otherwise asserts presence.
+    """
+    prompts = []
+    for name in class_names:
+        if not str(name).strip():
+            raise ValueError(f"class name at index {len(prompts)} is empty")
+        prompts.append("a chest X-ray with no findings" if name == NO_FINDING
+                       else f"a chest X-ray showing {name.lower()}")
+    return prompts
+
+
+def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+    """Rows to unit length; x: [N, D] -> [N, D] float32 (eps keeps the zero vector finite)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
+
+
+class TwoTower(nn.Module):
+    """Image tower + text tower + temperature and class-logit scalars.
+
+    image_tower: ``(images [B, H, W, C], train) -> [B, D]`` (e.g. `vision.VisionTower`).
+    text_tower: ``(input_ids [B, L], attention_mask [B, L], deterministic) -> [B, D]``
+      (e.g. `text.TextTower`); dropout in training needs a "dropout" rng.
+    """
+    image_tower: nn.Module
+    text_tower: nn.Module
+    logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
+    max_logit_scale: float = 100.0                 # CLIP's cap: beyond it training destabilises
+    class_scale_init: float = math.log(10.0)       # SigLIP: t' = log 10, b = -10, so that the
+    class_bias_init: float = -10.0                 # many negatives start with a small loss
+
+    def setup(self):
+        const = nn.initializers.constant
+        self.log_logit_scale = self.param("log_logit_scale", const(self.logit_scale_init), ())
+        self.log_class_scale = self.param("log_class_scale", const(self.class_scale_init), ())
+        self.class_bias = self.param("class_bias", const(self.class_bias_init), ())
+
+    def encode_image(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """images: [B, H, W, C] float -> [B, D] float32, unit rows."""
+        chex.assert_rank(images, 4)
+        return l2_normalize(self.image_tower(images, train=train))
+
+    def encode_text(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
+                    train: bool = False) -> jnp.ndarray:
+        """input_ids, attention_mask: [B, L] int32 -> [B, D] float32, unit rows."""
+        chex.assert_rank([input_ids, attention_mask], 2)
+        return l2_normalize(self.text_tower(input_ids, attention_mask, deterministic=not train))
+
+    def scalars(self) -> dict[str, jnp.ndarray]:
+        """The three learned scalars, exponentiated where stored as logs (float32 [])."""
+        # Clipping the value (not the parameter) stops the CLIP temperature at 100 while the
+        # stored log stays a plain parameter for the optimizer.
+        logit_scale = jnp.exp(jnp.minimum(self.log_logit_scale, math.log(self.max_logit_scale)))
+        return {"logit_scale": logit_scale, "class_scale": jnp.exp(self.log_class_scale),
+                "class_bias": self.class_bias}
+
+    def __call__(self, images: jnp.ndarray, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
+                 class_ids: jnp.ndarray, class_mask: jnp.ndarray, train: bool = False) -> dict:
+        """images [B, H, W, C]; report tokens [B, L]; class-prompt tokens [K, L'] (int32).
+
+        Returns {"image_emb" [B, D], "text_emb" [B, D], "class_emb" [K, D] (unit rows, float32),
+        "logit_scale", "class_scale", "class_bias" (float32 scalars)}.
+        """
+        chex.assert_equal_shape([input_ids, attention_mask])
+        chex.assert_equal_shape([class_ids, class_mask])
+        if images.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} reports in the batch")
+        out = {"image_emb": self.encode_image(images, train),
+               "text_emb": self.encode_text(input_ids, attention_mask, train),
+               "class_emb": self.encode_text(class_ids, class_mask, train)}
+        return {**out, **self.scalars()}
+
+
+def assemble_images(image: jnp.ndarray, heatmaps: jnp.ndarray | None, in_channels: int,
+                    fill: str) -> jnp.ndarray:
+    """The image tower's input [B, H, W, in_channels]: ``[x0, extra...]`` on the channel axis.
+
+    image: [B, H, W, 1] float in [0, 1]; heatmaps: [B, H, W, K] float in [0, 1] (fill "heatmaps",
+    with 1 + K == in_channels) or None (fill "repeat": the image fills every channel, the
+    baseline of the ablation with the same architecture).
+    """
+    if fill not in FILLS:
+        raise ValueError(f"unknown model.vision.fill {fill!r}; valid: {', '.join(FILLS)}")
+    if image.ndim != 4 or image.shape[-1] != 1:
+        raise ValueError(f"image batch must be [B, H, W, 1] (the X-ray alone; extra channels come "
+                         f"from model.vision.fill), got shape {tuple(image.shape)}")
+    if fill == "repeat":
+        return jnp.broadcast_to(image, image.shape[:-1] + (in_channels,))
+    if heatmaps is None:
+        raise ValueError('model.vision.fill is "heatmaps" but the data has no "heatmaps" '
+                         "[N, H, W, K] (set data.heatmaps_dir)")
+    if 1 + heatmaps.shape[-1] != in_channels:
+        raise ValueError(f"model.vision.in_channels is {in_channels} (expected 1 image + "
+                         f"{in_channels - 1} heatmaps) but got 1 image + {heatmaps.shape[-1]} "
+                         f"heatmap channels = {1 + heatmaps.shape[-1]}")
+    if heatmaps.shape[:-1] != image.shape[:-1]:
+        raise ValueError(f"heatmaps {tuple(heatmaps.shape)} do not match images "
+                         f"{tuple(image.shape)} in [B, H, W]")
+    return jnp.concatenate([image, heatmaps.astype(image.dtype)], axis=-1)
+
+
+def bert_config(text_config: Any, vocab_size: int) -> BertConfig:
+    """``model.text``: the shape in the checkpoint at ``path``, or the from-scratch size."""
+    if text_config.get("path"):
+        return BertConfig.from_json(text_config.path)
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=text_config.hidden_size,
+        num_hidden_layers=text_config.num_layers, num_attention_heads=text_config.num_heads,
+        intermediate_size=text_config.intermediate_size,
+        max_position_embeddings=text_config.max_length,
+        hidden_dropout_prob=text_config.dropout, attention_probs_dropout_prob=text_config.dropout)
+
+
+def build_two_tower(model_config: Any, text_config: BertConfig) -> TwoTower:
+    """`TwoTower` from ``config.model`` ({vision: {...}, text: {pooling, dtype, ...}, embed_dim}).
+
+    text_config: the BERT shape, e.g. ``bert_config(config.model.text, len(tokenizer))``.
+    """
+    embed_dim = int(model_config["embed_dim"])
+    text = model_config["text"]
+    return TwoTower(
+        image_tower=build_vision_tower(model_config["vision"], embed_dim),
+        text_tower=TextTower(text_config, embed_dim, pooling=text.get("pooling", "cls"),
+                             dtype=jnp.dtype(text.get("dtype", "float32"))))

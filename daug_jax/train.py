@@ -1,0 +1,423 @@
+"""``daug-jax train``: the two towers with the Image-Text-Class hybrid loss, on a data mesh.
+
+    daug-jax train --config towers --workdir runs/towers [--set train.steps=100 ...]
+
+One jitted, pure ``train_step(state, batch) -> (state, metrics)``: parameters replicated, the batch
+split over the mesh's "data" axis, the state donated.  Batches are a pure function of (seed, step)
+and PRNG keys are folded from the step, so a run killed and restarted with the same command
+resumes from its latest checkpoint and ends with the parameters of an uninterrupted run.
+
+Input data (`train_towers`) is a dict like `synthetic.generate` output: image [N, H, W, 1] float32
+in [0, 1], report str [N], labels int8 [N, C] in {-1, 0, 1}, id str [N]; optionally missing bool
+[N, C] (labels never mentioned), heatmaps [N, H, W, K] in [0, 1] (the DAug channels) and
+class_names (the C label columns; default the synthetic benchmark's).  The encoder input is the
+image plus ``in_channels - 1`` extra channels, filled per ``model.vision.fill``: "repeat" (the
+image again: the baseline) or "heatmaps".
+
+Workdir: checkpoints/ (orbax), tokenizer/ (trained from scratch), config.json, metrics.jsonl
+(one line per logging interval: the mean of each metric over the interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from daug_jax import parallel
+from daug_jax.checkpoint import Checkpointer
+from daug_jax.data import synthetic
+from daug_jax.data.pipeline import ArraySource, Loader
+from daug_jax.losses import hybrid_contrastive_loss, labels_and_mask
+from daug_jax.models import text as text_lib
+from daug_jax.models.two_tower import (  # noqa: F401  (assemble_images, bert_config: re-exported)
+    TwoTower, assemble_images, bert_config, build_two_tower, class_prompts)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; checkpointed whole, replicated on the mesh."""
+    step: jax.Array   # [] int32: completed steps
+    params: Any
+    batch_stats: Any  # BatchNorm running averages; {} with GroupNorm
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------- data
+def class_columns(names: Sequence[str], valid: Sequence[str]) -> list[int]:
+    """Indices of ``names`` among the dataset's label columns ``valid``."""
+    valid = [str(v) for v in valid]
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"unknown class name {name!r} in model.class_names; valid: {valid}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"model.class_names has duplicates: {list(names)}")
+    return [valid.index(n) for n in names]
+
+
+def class_names_of(config: ml_collections.ConfigDict, data: dict | None = None) -> list[str]:
+    """The classes of the image-class term: ``model.class_names``, else every label column."""
+    names = config.model.get("class_names", None)
+    if names is None:
+        names = (data or {}).get("class_names", synthetic.CLASS_NAMES)
+    return [str(n) for n in names]
+
+
+def check_reports(data: dict) -> list[str]:
+    """The reports as a list, after checking that none is empty (the record is named)."""
+    if "report" not in data:
+        raise ValueError(f'data has no "report" field (fields: {sorted(data)})')
+    ids = data.get("id")
+    reports = [str(r) for r in np.asarray(data["report"]).reshape(-1)]
+    for i, report in enumerate(reports):
+        if not report.strip():
+            name = f" (id {str(ids[i])!r})" if ids is not None else ""
+            raise ValueError(f"record {i}{name} has an empty report")
+    return reports
+
+
+def prepare_data(config: ml_collections.ConfigDict, data: dict) -> tuple[dict, list[str]]:
+    """Validates ``data`` and turns it into the arrays of a training batch (all [N, ...]).
+
+    Returns (arrays, reports): image [N, H, W, 1] float32, labels / label_mask [N, C'] float32
+    for the C' = len(model.class_names) classes, heatmaps [N, H, W, K] float32 when the fill is
+    "heatmaps"; the reports (to tokenise) as a list of N non-empty strings.
+    """
+    vision = config.model.vision
+    for key in ("image", "report", "labels"):
+        if key not in data:
+            raise ValueError(f"data has no {key!r} field (fields: {sorted(data)})")
+    n = len(data["image"])
+    for key in ("report", "labels", "id", "missing", "heatmaps"):
+        if key in data and len(data[key]) != n:
+            raise ValueError(f"data[{key!r}] has {len(data[key])} records, data['image'] has {n}")
+    image = np.asarray(data["image"], np.float32)
+    heatmaps = None
+    if vision.fill == "heatmaps" and "heatmaps" in data:
+        heatmaps = np.asarray(data["heatmaps"])
+        # Heatmap datasets may store uint8 (round(255 * h)).
+        heatmaps = (heatmaps / 255.0 if heatmaps.dtype == np.uint8 else heatmaps).astype(np.float32)
+    assemble_images(image[:1], None if heatmaps is None else heatmaps[:1],
+                    int(vision.in_channels), vision.fill)
+
+    raw = np.asarray(data["labels"])
+    valid = list(data.get("class_names", synthetic.CLASS_NAMES))
+    if raw.ndim != 2 or raw.shape[1] != len(valid):
+        raise ValueError(f"labels must be [N, {len(valid)}] (one column per class of "
+                         f"{valid}), got shape {raw.shape}")
+    columns = class_columns(class_names_of(config, data), valid)
+    missing = np.asarray(data["missing"])[:, columns] if "missing" in data else None
+    labels, mask = labels_and_mask(raw[:, columns].astype(np.float32),
+                                   config.train.get("label_policy", "ignore"), missing=missing)
+    out = {"image": image, "labels": np.asarray(labels), "label_mask": np.asarray(mask)}
+    if heatmaps is not None:
+        out["heatmaps"] = heatmaps
+    return out, check_reports(data)
+
+
+# ----------------------------------------------------------------------------- text side
+def make_tokenizer(text_config: Any, reports: Sequence[str], workdir: str) -> Any:
+    """The checkpoint's tokenizer, or a WordPiece vocabulary learnt from ``reports`` + prompts.
+
+    A learnt tokenizer is saved under ``workdir/tokenizer`` and reloaded on resume: WordPiece
+    training breaks frequency ties in no fixed order, so retraining could change the token ids.
+    For the same reason only process 0 trains it; the others wait and read the saved one.
+    """
+    from transformers import AutoTokenizer
+
+    if text_config.get("path"):
+        return AutoTokenizer.from_pretrained(text_config.path, local_files_only=True)
+    directory = os.path.join(workdir, "tokenizer")
+    if not os.path.isdir(directory):
+        if jax.process_index() == 0:
+            # Prompts included, so that class words never fall to [UNK].
+            corpus = list(reports) + class_prompts(synthetic.CLASS_NAMES)
+            tokenizer = text_lib.train_wordpiece_tokenizer(corpus, int(text_config.vocab_size))
+            tmp = directory + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, directory)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("daug-jax train: tokenizer saved")
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+# ----------------------------------------------------------------------------- state and step
+def make_optimizer(train_config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup and cosine decay over ``train.steps``; global-norm clipping."""
+    steps = int(train_config.steps)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, train_config.lr, int(train_config.warmup), max(steps, int(train_config.warmup) + 1))
+    # Weight decay on matrices and embeddings only: decaying norm scales, biases or the
+    # temperature would pull them towards 0, which is not a simpler model.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    tx = optax.chain(optax.clip_by_global_norm(train_config.get("grad_clip", 1.0)),
+                     optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Array,
+                 example: dict, class_tokens: tuple, config: Any, mesh: Any) -> TrainState:
+    """Fresh parameters (replicated on ``mesh``) from one example row of the training arrays."""
+    compiler_options = _compiler_options(config)
+    vision = config.model.vision
+
+    def init(key):
+        images = assemble_images(example["image"], example.get("heatmaps"),
+                                 int(vision.in_channels), vision.fill)
+        variables = model.init(key, images, example["input_ids"], example["attention_mask"],
+                               *class_tokens, train=False)
+        return variables["params"], variables.get("batch_stats", {})
+
+    params, batch_stats = jax.jit(init, out_shardings=parallel.replicated(mesh),
+                                  compiler_options=compiler_options)(key)
+    if config.model.text.get("path"):
+        encoder = text_lib.load_bert_params(config.model.text.path, model.text_tower.config)
+        params = {**params, "text_tower": {**params["text_tower"], "encoder": encoder}}
+        params = parallel.replicate(params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params)
+    return TrainState(step=parallel.replicate(jnp.zeros((), jnp.int32), mesh), params=params,
+                      batch_stats=batch_stats, opt_state=opt_state)
+
+
+def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    config: Any, class_tokens: tuple, key: jax.Array):
+    """``train_step(state, batch) -> (state, metrics)``, pure; jit it with the mesh shardings.
+
+    batch: image [B, H, W, 1], (heatmaps [B, H, W, K]), input_ids / attention_mask [B, L],
+    labels / label_mask [B, C].  Metrics: float32 scalars.
+    """
+    vision = config.model.vision
+    class_weight = float(config.train.class_weight)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        dropout_key = jax.random.fold_in(key, state.step)
+        images = assemble_images(batch["image"], batch.get("heatmaps"),
+                                 int(vision.in_channels), vision.fill)
+
+        def loss_fn(params):
+            variables = {"params": params}
+            if state.batch_stats:
+                variables["batch_stats"] = state.batch_stats
+            out, updates = model.apply(
+                variables, images, batch["input_ids"], batch["attention_mask"], *class_tokens,
+                train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+            loss, parts = hybrid_contrastive_loss(
+                out["image_emb"], out["text_emb"], out["class_emb"], batch["labels"],
+                batch["label_mask"], logit_scale=out["logit_scale"],
+                class_scale=out["class_scale"], class_bias=out["class_bias"],
+                class_weight=class_weight)
+            scalars = {k: out[k] for k in ("logit_scale", "class_scale", "class_bias")}
+            return loss, (parts, scalars, updates.get("batch_stats", state.batch_stats))
+
+        (loss, (parts, scalars, batch_stats)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  batch_stats=batch_stats, opt_state=opt_state)
+        metrics = {"loss": loss, **parts, **scalars, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state.step)}
+        return new_state, metrics
+
+    return train_step
+
+
+def _compiler_options(config: Any) -> dict | None:
+    """XLA options for the compiled programs (``train.compiler_options``), e.g.
+    {"xla_backend_optimization_level": 0}: about half the CPU compile time, slower steps."""
+    options = config.train.get("compiler_options", None)
+    return dict(options) if options else None
+
+
+# ----------------------------------------------------------------------------- files
+def _write_text(path: str, text: str) -> None:
+    """Process 0 writes ``path`` whole (temp file, then rename)."""
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _read_history(path: str, upto_step: int) -> list[dict]:
+    """Logged intervals up to the restored step (later lines belong to the lost tail of a run)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["step"] <= upto_step]
+
+
+# ----------------------------------------------------------------------------- training
+def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
+                 until_step: int | None = None, progress: bool = True) -> tuple[TrainState, list]:
+    """Trains (or resumes) the two towers on ``data``; returns (state, history).
+
+    history: one dict per logging interval ({"step", "loss", "image_text", "image_class",
+    "logit_scale", ..., "sec_per_step"}), also written to ``workdir/metrics.jsonl``; the first
+    interval's sec_per_step includes compilation.
+    until_step: stop after this many steps (the schedule still spans ``train.steps``); a later
+    call continues from the checkpoint written there.
+    """
+    train_cfg, text_cfg = config.train, config.model.text
+    os.makedirs(workdir, exist_ok=True)
+    arrays, reports = prepare_data(config, data)
+    tokenizer = make_tokenizer(text_cfg, reports, workdir)
+    arrays["input_ids"], arrays["attention_mask"] = text_lib.tokenize(
+        tokenizer, reports, int(text_cfg.max_length))
+    class_names = class_names_of(config, data)
+    class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
+        tokenizer, class_prompts(class_names), int(text_cfg.max_length)))
+    vision = config.model.vision  # what a checkpoint must agree with to be resumed
+    meta = {"class_names": class_names, "in_channels": int(vision.in_channels), "fill": vision.fill,
+            "image_shape": [int(s) for s in arrays["image"].shape[1:3]]}
+    saved = ml_collections.ConfigDict(config.to_dict())
+    saved.model.class_names = class_names  # resolved: `load_towers` needs no data
+    _write_text(os.path.join(workdir, "config.json"), saved.to_json(indent=2))
+
+    mesh = parallel.make_mesh()
+    loader = Loader(ArraySource(arrays), int(train_cfg.batch_size), seed=int(train_cfg.seed))
+    model = build_two_tower(config.model, bert_config(text_cfg, len(tokenizer)))
+    tx, schedule = make_optimizer(train_cfg)
+    root = jax.random.key(int(train_cfg.seed), impl=train_cfg.get("prng_impl", "threefry2x32"))
+    init_key, step_key = jax.random.split(root)
+    example = {k: v[:1] for k, v in arrays.items()}
+    state = create_state(model, tx, init_key, example, class_tokens, config, mesh)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=int(train_cfg.checkpoint_every))
+    state, saved_meta, start = ckpt.restore_or(state)
+    for key, value in meta.items():
+        if key in saved_meta and saved_meta[key] != value:
+            raise ValueError(f"{workdir} holds a run with {key}={saved_meta[key]!r}, this config "
+                             f"has {value!r}; use another --workdir")
+    log_path = os.path.join(workdir, "metrics.jsonl")
+    history = _read_history(log_path, start)
+
+    step_fn = jax.jit(make_train_step(model, tx, schedule, config, class_tokens, step_key),
+                      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+                      out_shardings=parallel.replicated(mesh), donate_argnums=0,
+                      compiler_options=_compiler_options(config))
+    stop = int(train_cfg.steps) if until_step is None else min(int(until_step), int(train_cfg.steps))
+    log_every, pending, tick = max(1, int(train_cfg.get("log_every", 50))), [], time.time()
+    with tqdm(range(start, stop), initial=start, total=int(train_cfg.steps), desc="train towers",
+              unit="step", disable=not progress) as bar:
+        for step in bar:
+            state, metrics = step_fn(state, parallel.shard_batch(loader.batch(step), mesh))
+            pending.append(metrics)  # device scalars: read once per interval, not every step
+            done = step + 1
+            if done % log_every == 0 or done == stop:
+                values = jax.device_get(pending)
+                record = {"step": done, **{k: float(np.mean([v[k] for v in values]))
+                                           for k in values[0]}}
+                record["sec_per_step"] = (time.time() - tick) / len(values)
+                history.append(record)
+                _write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+                bar.set_postfix(image_text=f"{record['image_text']:.3f}",
+                                image_class=f"{record['image_class']:.3f}")
+                pending, tick = [], time.time()
+            ckpt.save(done, state, meta)
+    if stop > start and ckpt.latest_step() != stop:
+        ckpt.save(stop, state, meta, force=True)
+    ckpt.close()
+    return state, history
+
+
+def load_towers(workdir: str) -> tuple[TwoTower, dict, Any, ml_collections.ConfigDict]:
+    """The latest checkpoint of a run: (model, variables, tokenizer, config).
+
+    variables: {"params": ..., "batch_stats": ...} for ``model.apply(..., method=...)``, e.g.
+    ``model.apply(variables, images, method=TwoTower.encode_image)``.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no trained towers in {workdir} (missing {path})")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    from transformers import AutoTokenizer
+
+    tok_dir = config.model.text.get("path") or os.path.join(workdir, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    model = build_two_tower(config.model, bert_config(config.model.text, len(tokenizer)))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    mesh = parallel.make_mesh()
+    tx, _ = make_optimizer(config.train)
+    length, channels = int(config.model.text.max_length), int(config.model.vision.in_channels)
+    class_tokens = (jnp.zeros((len(config.model.class_names), length), jnp.int32),) * 2
+
+    def fresh():
+        # Only abstract (eval_shape): the restore needs shapes, dtypes and shardings, not values.
+        # Parameter shapes do not depend on the image size (global pooling).
+        size = int(config.data.get("image_size", 32))
+        tokens = jnp.zeros((1, length), jnp.int32)
+        variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), tokens,
+                               tokens, *class_tokens, train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+    abstract = jax.eval_shape(fresh)
+    template = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)), abstract)
+    state, _ = ckpt.restore(template, step)
+    ckpt.close()
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, tokenizer, config
+
+
+# ----------------------------------------------------------------------------- CLI
+def synthetic_train_split(config: ml_collections.ConfigDict) -> dict:
+    """The synthetic benchmark's training records (the TFDS builder's train split, same ids)."""
+    from daug_jax.data import builders
+
+    data_cfg = config.data
+    split_seed = builders.SyntheticCxrConfig(
+        image_size=int(data_cfg.image_size), num_train=int(data_cfg.num_train),
+        seed=int(data_cfg.seed)).split_seed("train")
+    return synthetic.generate(int(data_cfg.num_train), image_size=int(data_cfg.image_size),
+                              seed=split_seed)
+
+
+def main(command: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="towers", help="experiments/<name>.py or a .py path")
+    parser.add_argument("--workdir", default="runs/towers")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--until-step", type=int, default=None,
+                        help="stop after this step; rerun to continue")
+    args = parser.parse_args(argv)
+    parallel.maybe_initialize_distributed()
+    from daug_jax.config import load_config
+
+    config = load_config(args.config, args.set)
+    if config.data.get("name", "synthetic") != "synthetic":
+        raise ValueError(f"daug-jax train reads the synthetic benchmark; data.name is "
+                         f"{config.data.name!r} (call train_towers with the records instead)")
+    data = synthetic_train_split(config)
+    if config.data.get("heatmaps_dir"):
+        from daug_jax.heatmap_job import attach_heatmaps
+
+        data = attach_heatmaps(data, config.data.heatmaps_dir)
+    _, history = train_towers(config, data, args.workdir, until_step=args.until_step)
+    if history:
+        a, b = history[0], history[-1]
+        print(f"towers: steps {a['step']} -> {b['step']}: image-text loss {a['image_text']:.4f} -> "
+              f"{b['image_text']:.4f}, image-class loss {a['image_class']:.4f} -> "
+              f"{b['image_class']:.4f} ({b['sec_per_step']:.3f} s/step); metrics in {args.workdir}")
+    return 0

@@ -1,0 +1,163 @@
+"""Two-tower training: loss decrease, determinism, exact resume, input checks, class prompts."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from daug_jax import train
+from daug_jax.config import load_config
+from daug_jax.data import synthetic
+from daug_jax.models.two_tower import TwoTower, class_prompts, l2_normalize
+
+STEPS = 8
+
+
+def _config(**train_overrides):
+    """experiments/towers.py shrunk to compile fast: 32 px, batch 8, a 2-stage ResNet with
+    BatchNorm (so running statistics go through the step and the checkpoint), a 1-layer BERT."""
+    overrides = ["train.batch_size=8", f"train.steps={STEPS}", "train.warmup=1", "train.lr=0.01",
+                 "train.log_every=1", "train.checkpoint_every=4", "model.vision.norm=batch",
+                 "model.embed_dim=16", "model.text.hidden_size=16", "model.text.num_layers=1",
+                 "model.text.intermediate_size=32", "model.text.vocab_size=300",
+                 "model.text.max_length=48"]
+    config = load_config("towers", overrides + [f"train.{k}={v!r}" for k, v in train_overrides.items()])
+    config.model.vision.resnet = dict(stage_sizes=(1, 1), widths=(4, 8), stem_width=4, norm_groups=2)
+    # A few steps: compile time dominates, and the low optimisation level halves it.
+    config.train.compiler_options = {"xla_backend_optimization_level": 0}
+    return config
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic.generate(8, image_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def compile_once(tmp_path_factory):
+    """JAX's persistent compilation cache for this module: the runs below trace the same
+    program, so only the first one pays for XLA compilation (tens of seconds on 2 cores)."""
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+           jax.config.jax_persistent_cache_min_entry_size_bytes)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[2])
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(compile_once, data, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    state, history = train.train_towers(_config(), data, workdir, progress=False)
+    return workdir, jax.device_get(state), history
+
+
+def test_training_reduces_both_loss_parts(uninterrupted):
+    _, state, history = uninterrupted
+    assert [r["step"] for r in history] == list(range(1, STEPS + 1))
+    first, last = history[0], history[-1]
+    assert last["image_text"] < first["image_text"] - 0.05, (first, last)
+    assert last["image_class"] < first["image_class"] - 0.05, (first, last)
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in history)
+    # The logged total is L_it + lambda * L_ic with lambda = 1.
+    np.testing.assert_allclose(last["loss"], last["image_text"] + last["image_class"], rtol=1e-5)
+    assert int(state.step) == STEPS
+    # BatchNorm running averages were updated by the steps and carried in the state.
+    stem = state.batch_stats["image_tower"]["backbone"]["stem_norm"]
+    assert float(np.abs(stem["mean"]).max()) > 1e-3
+
+
+def _without_timing(history):
+    return [{k: v for k, v in r.items() if k != "sec_per_step"} for r in history]
+
+
+def test_resume_is_deterministic_and_equals_uninterrupted_run(uninterrupted, data, tmp_path):
+    """Stop after 4 steps, rerun: same parameters, batch statistics and per-step metrics as the
+    uninterrupted run (and the first 4 steps of a fresh run reproduce it exactly: determinism)."""
+    workdir_a, state_a, history_a = uninterrupted
+    workdir = str(tmp_path / "resumed")
+    # The vocabulary belongs to the run; share it so both runs see the same token ids.
+    shutil.copytree(os.path.join(workdir_a, "tokenizer"), os.path.join(workdir, "tokenizer"))
+    _, history_1 = train.train_towers(_config(), data, workdir, until_step=4, progress=False)
+    assert _without_timing(history_1) == _without_timing(history_a[:4])
+    # A killed run may have logged steps after its last checkpoint: the rerun drops them.
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({**history_a[4], "loss": -1.0}) + "\n")
+    state_b, history_b = train.train_towers(_config(), data, workdir, progress=False)
+    assert _without_timing(history_b) == _without_timing(history_a)
+    state_b = jax.device_get(state_b)
+    assert int(state_b.step) == STEPS
+    same = jax.tree.map(np.array_equal, (state_a.params, state_a.batch_stats),
+                        (state_b.params, state_b.batch_stats))
+    assert all(jax.tree.leaves(same))
+
+
+def test_load_towers_restores_the_final_state(uninterrupted, data):
+    workdir, state, _ = uninterrupted
+    model, variables, tokenizer, config = train.load_towers(workdir)
+    assert config.model.vision.norm == "batch"
+    same = jax.tree.map(np.array_equal, jax.device_get(variables["params"]), state.params)
+    assert all(jax.tree.leaves(same))
+    images = train.assemble_images(jnp.asarray(data["image"][:2]), None, 3, "repeat")
+    emb = model.apply(variables, images, method=TwoTower.encode_image)
+    assert emb.shape == (2, 16)
+    np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
+    ids = tokenizer(["small left pleural effusion."])["input_ids"][0]
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_channel_count_mismatch_is_a_clear_error(data, tmp_path):
+    config = _config()
+    config.model.vision.fill = "heatmaps"
+    with_maps = {**data, "heatmaps": np.zeros((8, 32, 32, 1), np.float32)}
+    with pytest.raises(ValueError, match=r"in_channels is 3 .* got 1 image \+ 1 heatmap channels = 2"):
+        train.train_towers(config, with_maps, str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r'no "heatmaps"'):
+        train.train_towers(config, data, str(tmp_path), progress=False)
+    rgb = {**data, "image": np.repeat(data["image"], 3, axis=-1)}
+    with pytest.raises(ValueError, match=r"\[B, H, W, 1\].*\(1, 32, 32, 3\)"):
+        train.train_towers(_config(), rgb, str(tmp_path), progress=False)
+
+
+def test_unknown_class_name_is_a_clear_error(data, tmp_path):
+    config = _config()
+    config.model.class_names = ("Cardiomegaly", "Pleural Effusions")
+    with pytest.raises(ValueError, match=r"'Pleural Effusions'.*valid: \['No Finding'"):
+        train.train_towers(config, data, str(tmp_path), progress=False)
+
+
+def test_empty_report_names_the_record(data, tmp_path):
+    reports = data["report"].copy()
+    reports[5] = "   "
+    with pytest.raises(ValueError, match=r"record 5 \(id 'syn-0-5'\) has an empty report"):
+        train.train_towers(_config(), {**data, "report": reports}, str(tmp_path), progress=False)
+
+
+def test_class_prompts_and_normalisation():
+    assert class_prompts(["No Finding", "Pleural Effusion"]) == [
+        "a chest X-ray with no findings", "a chest X-ray showing pleural effusion"]
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    np.testing.assert_allclose(l2_normalize(jnp.asarray(x)),
+                               x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_scalar_parameters_start_and_clip_as_documented():
+    model = TwoTower(image_tower=None, text_tower=None)
+    params = model.init(jax.random.key(0, impl="rbg"), method=TwoTower.scalars)["params"]
+    out = model.apply({"params": params}, method=TwoTower.scalars)
+    np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-5)
+    np.testing.assert_allclose(out["class_scale"], 10.0, rtol=1e-5)
+    np.testing.assert_allclose(out["class_bias"], -10.0)
+    params = {**params, "log_logit_scale": jnp.asarray(np.log(500.0), jnp.float32)}
+    np.testing.assert_allclose(model.apply({"params": params}, method=TwoTower.scalars)["logit_scale"],
+                               100.0, rtol=1e-5)
