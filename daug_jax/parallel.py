@@ -31,9 +31,10 @@ def maybe_initialize_distributed() -> None:
     coordinator = os.environ.get("DAUG_COORDINATOR")
     if not coordinator:
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        # CPU collectives across processes go through gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives of the CPU backend go through gloo (the option only affects CPU
+    # devices).  Not conditioned on jax.default_backend(): asking would start the backend, and
+    # jax.distributed.initialize must come first.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=int(os.environ["DAUG_NUM_PROCESSES"]),
