@@ -1,0 +1,41 @@
+"""``daug-jax demo``: DAug end to end on the synthetic benchmark, sized for a 2-core CPU.
+
+Every stage reuses the stage's own config (experiments/diffusion.py, heatmaps.py, towers.py)
+with the sizes below; ``--quick`` shrinks everything for a smoke test of the whole pipeline.
+"""
+
+import ml_collections
+
+from experiments import diffusion, heatmaps, towers
+
+
+def get_config(quick: bool = False) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.out = "runs/quick" if quick else "runs/demo"
+    # Films of the synthetic benchmark: train (diffusion, classifier, towers) and test
+    # (localization, retrieval, classification), from the splits of `synthetic_cxr`.
+    config.data = dict(image_size=32, num_train=1024, num_test=512, seed=0)
+    config.seeds = (0,)
+
+    config.diffusion = diffusion.get_config()
+    config.heatmaps = heatmaps.get_config()
+    config.towers = towers.get_config()
+    if quick:
+        config.data.update(num_train=64, num_test=48)
+        d = config.diffusion
+        d.unet.update(ch=8, channel_mult=(1, 2), norm_groups=4)
+        d.classifier.update(ch=8, channel_mult=(1, 2), norm_groups=4)
+        d.unet_train.update(steps=4, batch_size=16, save_every=2, warmup_steps=1, log_every=2)
+        d.classifier_train.update(steps=4, batch_size=16, save_every=2, warmup_steps=1,
+                                  log_every=2)
+        h = config.heatmaps
+        h.update(num_steps=2, batch_size=16, shard_size=32)
+        h.calibration.num_images = 16
+        h.localization.update(cases_per_class=2, batch_size=16, examples_per_class=1)
+        t = config.towers
+        t.model.vision.update(preset="tiny")
+        t.model.text.update(vocab_size=200, hidden_size=16, num_layers=1, intermediate_size=32,
+                            max_length=48)
+        t.model.embed_dim = 16
+        t.train.update(steps=3, batch_size=16, warmup=1, checkpoint_every=3, log_every=1)
+    return config
