@@ -226,8 +226,9 @@ def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule:
         (loss, (parts, scalars, batch_stats)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  batch_stats=batch_stats, opt_state=opt_state)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state)
         metrics = {"loss": loss, **parts, **scalars, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
         return new_state, metrics
@@ -298,7 +299,8 @@ def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
     example = {k: v[:1] for k, v in arrays.items()}
     state = create_state(model, tx, init_key, example, class_tokens, config, mesh)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=int(train_cfg.checkpoint_every))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                        save_every=int(train_cfg.checkpoint_every))
     state, saved_meta, start = ckpt.restore_or(state)
     for key, value in meta.items():
         if key in saved_meta and saved_meta[key] != value:
@@ -311,9 +313,10 @@ def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
                       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
                       out_shardings=parallel.replicated(mesh), donate_argnums=0,
                       compiler_options=_compiler_options(config))
-    stop = int(train_cfg.steps) if until_step is None else min(int(until_step), int(train_cfg.steps))
+    steps = int(train_cfg.steps)
+    stop = steps if until_step is None else min(int(until_step), steps)
     log_every, pending, tick = max(1, int(train_cfg.get("log_every", 50))), [], time.time()
-    with tqdm(range(start, stop), initial=start, total=int(train_cfg.steps), desc="train towers",
+    with tqdm(range(start, stop), initial=start, total=steps, desc="train towers",
               unit="step", disable=not progress) as bar:
         for step in bar:
             state, metrics = step_fn(state, parallel.shard_batch(loader.batch(step), mesh))
@@ -373,8 +376,9 @@ def load_towers(workdir: str) -> tuple[TwoTower, dict, Any, ml_collections.Confi
                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
     abstract = jax.eval_shape(fresh)
-    template = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)), abstract)
+    replicated = parallel.replicated(mesh)
+    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                            abstract)
     state, _ = ckpt.restore(template, step)
     ckpt.close()
     return model, {"params": state.params, "batch_stats": state.batch_stats}, tokenizer, config
@@ -394,7 +398,8 @@ def synthetic_train_split(config: ml_collections.ConfigDict) -> dict:
 
 
 def main(command: str, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="towers", help="experiments/<name>.py or a .py path")
     parser.add_argument("--workdir", default="runs/towers")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -18,7 +18,7 @@ from daug_jax.models.two_tower import TwoTower, class_prompts, l2_normalize
 STEPS = 8
 
 
-def _config(**train_overrides):
+def _config():
     """experiments/towers.py shrunk to compile fast: 32 px, batch 8, a 2-stage ResNet with
     BatchNorm (so running statistics go through the step and the checkpoint), a 1-layer BERT."""
     overrides = ["train.batch_size=8", f"train.steps={STEPS}", "train.warmup=1", "train.lr=0.01",
@@ -26,8 +26,9 @@ def _config(**train_overrides):
                  "model.embed_dim=16", "model.text.hidden_size=16", "model.text.num_layers=1",
                  "model.text.intermediate_size=32", "model.text.vocab_size=300",
                  "model.text.max_length=48"]
-    config = load_config("towers", overrides + [f"train.{k}={v!r}" for k, v in train_overrides.items()])
-    config.model.vision.resnet = dict(stage_sizes=(1, 1), widths=(4, 8), stem_width=4, norm_groups=2)
+    config = load_config("towers", overrides)
+    config.model.vision.resnet = dict(stage_sizes=(1, 1), widths=(4, 8), stem_width=4,
+                                      norm_groups=2)
     # A few steps: compile time dominates, and the low optimisation level halves it.
     config.train.compiler_options = {"xla_backend_optimization_level": 0}
     return config
@@ -42,7 +43,8 @@ def data():
 def compile_once(tmp_path_factory):
     """JAX's persistent compilation cache for this module: the runs below trace the same
     program, so only the first one pays for XLA compilation (tens of seconds on 2 cores)."""
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+    old = (jax.config.jax_compilation_cache_dir,
+           jax.config.jax_persistent_cache_min_compile_time_secs,
            jax.config.jax_persistent_cache_min_entry_size_bytes)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -120,7 +122,8 @@ def test_channel_count_mismatch_is_a_clear_error(data, tmp_path):
     config = _config()
     config.model.vision.fill = "heatmaps"
     with_maps = {**data, "heatmaps": np.zeros((8, 32, 32, 1), np.float32)}
-    with pytest.raises(ValueError, match=r"in_channels is 3 .* got 1 image \+ 1 heatmap channels = 2"):
+    with pytest.raises(ValueError,
+                       match=r"in_channels is 3 .* got 1 image \+ 1 heatmap channels = 2"):
         train.train_towers(config, with_maps, str(tmp_path), progress=False)
     with pytest.raises(ValueError, match=r'no "heatmaps"'):
         train.train_towers(config, data, str(tmp_path), progress=False)
@@ -159,5 +162,5 @@ def test_scalar_parameters_start_and_clip_as_documented():
     np.testing.assert_allclose(out["class_scale"], 10.0, rtol=1e-5)
     np.testing.assert_allclose(out["class_bias"], -10.0)
     params = {**params, "log_logit_scale": jnp.asarray(np.log(500.0), jnp.float32)}
-    np.testing.assert_allclose(model.apply({"params": params}, method=TwoTower.scalars)["logit_scale"],
-                               100.0, rtol=1e-5)
+    capped = model.apply({"params": params}, method=TwoTower.scalars)["logit_scale"]
+    np.testing.assert_allclose(capped, 100.0, rtol=1e-5)

@@ -98,7 +98,8 @@ class TwoTower(nn.Module):
         chex.assert_equal_shape([input_ids, attention_mask])
         chex.assert_equal_shape([class_ids, class_mask])
         if images.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} reports in the batch")
+            raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} reports "
+                             "in the batch")
         out = {"image_emb": self.encode_image(images, train),
                "text_emb": self.encode_text(input_ids, attention_mask, train),
                "class_emb": self.encode_text(class_ids, class_mask, train)}

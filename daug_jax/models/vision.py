@@ -17,7 +17,6 @@ use them).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable
 
