@@ -385,18 +385,6 @@ def load_towers(workdir: str) -> tuple[TwoTower, dict, Any, ml_collections.Confi
 
 
 # ----------------------------------------------------------------------------- CLI
-def synthetic_train_split(config: ml_collections.ConfigDict) -> dict:
-    """The synthetic benchmark's training records (the TFDS builder's train split, same ids)."""
-    from daug_jax.data import builders
-
-    data_cfg = config.data
-    split_seed = builders.SyntheticCxrConfig(
-        image_size=int(data_cfg.image_size), num_train=int(data_cfg.num_train),
-        seed=int(data_cfg.seed)).split_seed("train")
-    return synthetic.generate(int(data_cfg.num_train), image_size=int(data_cfg.image_size),
-                              seed=split_seed)
-
-
 def main(command: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
                                      description=__doc__.splitlines()[0])
@@ -411,10 +399,9 @@ def main(command: str, argv: list[str]) -> int:
     from daug_jax.config import load_config
 
     config = load_config(args.config, args.set)
-    if config.data.get("name", "synthetic") != "synthetic":
-        raise ValueError(f"daug-jax train reads the synthetic benchmark; data.name is "
-                         f"{config.data.name!r} (call train_towers with the records instead)")
-    data = synthetic_train_split(config)
+    from daug_jax.data.records import load_records
+
+    data = load_records(config.data, "train")
     if config.data.get("heatmaps_dir"):
         from daug_jax.heatmap_job import attach_heatmaps
 
