@@ -271,7 +271,9 @@ def _fit(*, name: str, spec: str, meta: dict, source: ArraySource,
                 rows = [r for r in f if r.strip() and json.loads(r)["step"] <= start]
             _write_atomic(log_path, "".join(rows))
 
-    key = jax.device_put(prng_key(tcfg.seed + 1), parallel.replicated(mesh))
+    # Created by a jitted program so that every process holds its shard of the replicated key
+    # (device_put of a host value onto a multi-process sharding is refused).
+    key = jax.jit(lambda: prng_key(tcfg.seed + 1), out_shardings=parallel.replicated(mesh))()
     fields = ("image", "labels") if meta["kind"] == "classifier" else ("image",)
     loader = Loader(source, tcfg.batch_size, seed=tcfg.seed)
     pending, t_first = [], None
