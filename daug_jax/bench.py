@@ -64,7 +64,9 @@ def unet_step(config: Any, images: np.ndarray, *, classifier_labels: np.ndarray 
 
     module, tx = build(config)
     init_module, init_tx = build(init_config or config)
-    alpha_bar, key = dtrain.alpha_bar_of(config), jax.random.key(key_seed)
+    # Keys of the implementation training uses: the random stream (and, for some
+    # implementations, how it is split across devices) is part of what is measured and tested.
+    alpha_bar, key = dtrain.alpha_bar_of(config), dtrain.prng_key(key_seed)
     if classifier:
         max_level = config.classifier.max_level
         max_level = config.diffusion.num_steps - 1 if max_level is None else int(max_level)
@@ -77,7 +79,7 @@ def unet_step(config: Any, images: np.ndarray, *, classifier_labels: np.ndarray 
     init = jax.jit(dtrain.init_state, static_argnums=(0, 1, 2), static_argnames="ema")
 
     def init_state(mesh):
-        state = init(init_module, init_tx, tuple(images.shape[1:]), jax.random.key(0),
+        state = init(init_module, init_tx, tuple(images.shape[1:]), dtrain.prng_key(0),
                      ema=not classifier)
         return parallel.replicate(state, mesh)
 
@@ -152,21 +154,31 @@ def median_time(call: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple
     return statistics.median(times), times
 
 
-def bench_matmul(n: int, repeats: int) -> dict:
-    """The dense float32 matmul rate: ``2 n^3`` FLOPs over the median time."""
+def matmul_program(n: int) -> tuple[Callable[[], Any], float, float]:
+    """``(call, flops, xla_flops)``: one n x n float32 matmul (2 n^3 FLOPs) on fixed operands."""
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), jnp.float32)
     b = jax.random.normal(kb, (n, n), jnp.float32)
     compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-    median, times = median_time(lambda: compiled(a, b), repeats)
-    flops = 2.0 * n ** 3
-    return {"n": n, "dtype": "float32", "flops": flops, "xla_flops": xla_flops(compiled),
+    return (lambda: compiled(a, b)), 2.0 * n ** 3, xla_flops(compiled)
+
+
+def bench_matmul(matmul: tuple[Callable[[], Any], float, float], n: int, repeats: int) -> dict:
+    """The dense float32 matmul rate: ``2 n^3`` FLOPs over the median time."""
+    call, flops, xla = matmul
+    median, times = median_time(call, repeats)
+    return {"n": n, "dtype": "float32", "flops": flops, "xla_flops": xla,
             "median_s": median, "times_s": times, "flops_per_s": flops / median}
 
 
 def bench_step(step_fn: Callable, init_state: Callable, source: ArraySource, batch_size: int,
-               repeats: int, mesh) -> dict:
-    """Achieved FLOP/s and images/s of a train step; the state is threaded through the calls."""
+               repeats: int, mesh, matmul: tuple | None = None) -> dict:
+    """Achieved FLOP/s and images/s of a train step; the state is threaded through the calls.
+
+    matmul: `matmul_program` output, the reference matmul, timed right before every step call so
+    that each ratio compares two timings taken under the same machine load (a shared machine
+    drifts between a run's parts); the reported ratio is the median of these paired ratios.
+    """
     from daug_jax.data.pipeline import Loader
 
     loader = Loader(source, batch_size, seed=0)
@@ -183,14 +195,26 @@ def bench_step(step_fn: Callable, init_state: Callable, source: ArraySource, bat
         holder["state"], metrics = compiled(holder["state"], batch)
         return holder["state"], metrics
 
+    ratios = []
+    if matmul is not None:
+        mm_call, mm_flops, _ = matmul
+        jax.block_until_ready(call())
+        for _ in range(repeats):
+            mm_s, _ = median_time(mm_call, 1, warmup=0)
+            step_s, _ = median_time(call, 1, warmup=0)
+            ratios.append((flops / step_s) / (mm_flops / mm_s))
     median, times = median_time(call, repeats, warmup=2)
     _, metrics = call()
-    return {"batch": batch_size, "image_shape": list(source.arrays["image"].shape[1:]),
-            "devices": mesh.devices.size, "flops_per_device": flops, "compile_s": compile_s,
-            "median_s": median, "times_s": times,
-            "flops_per_s": flops * mesh.devices.size / median,
-            "flops_per_s_per_device": flops / median, "images_per_s": batch_size / median,
-            "loss": float(np.asarray(metrics["loss"].addressable_data(0)))}
+    out = {"batch": batch_size, "image_shape": list(source.arrays["image"].shape[1:]),
+           "devices": mesh.devices.size, "flops_per_device": flops, "compile_s": compile_s,
+           "median_s": median, "times_s": times,
+           "flops_per_s": flops * mesh.devices.size / median,
+           "flops_per_s_per_device": flops / median, "images_per_s": batch_size / median,
+           "loss": float(np.asarray(metrics["loss"].addressable_data(0)))}
+    if ratios:
+        out["ratio_to_matmul"] = statistics.median(ratios)
+        out["ratios_to_matmul"] = ratios
+    return out
 
 
 def bench_heatmaps(config: Any, size: int, batch: int, *, targets: str, level: int,
@@ -248,28 +272,24 @@ def run(args: argparse.Namespace) -> dict:
     tcfg = load_config(args.towers_config, args.towers_set)
     parts = [p for p in PARTS if p in args.parts]
     rng = np.random.default_rng(0)
+    matmul = matmul_program(args.matmul_n) if "matmul" in parts else None
     for part in tqdm(parts, desc="bench", unit="part"):
         if part == "matmul":
-            result["matmul"] = bench_matmul(args.matmul_n, args.repeats)
+            result["matmul"] = bench_matmul(matmul, args.matmul_n, args.repeats)
         elif part == "unet":
             images = rng.uniform(size=(args.batch, args.size, args.size, 1)).astype(np.float32)
             result["unet_train_step"] = bench_step(*unet_step(dcfg, images), args.batch,
-                                                   args.repeats, mesh)
+                                                   args.repeats, mesh, matmul)
         elif part == "towers":
             tcfg.train.batch_size = args.batch
             data = synthetic.generate(args.batch, image_size=args.size, seed=0)
             with tempfile.TemporaryDirectory() as workdir:
                 result["towers_train_step"] = bench_step(*towers_step(tcfg, data, workdir),
-                                                         args.batch, args.repeats, mesh)
+                                                         args.batch, args.repeats, mesh, matmul)
         else:
             result["heatmaps"] = bench_heatmaps(
                 dcfg, args.size, args.heatmap_batch, targets=args.targets, level=args.level,
                 num_steps=args.ddim_steps, scale=3.0, repeats=args.repeats)
-    if "matmul" in result:
-        for key in ("unet_train_step", "towers_train_step"):
-            if key in result:
-                result[key]["ratio_to_matmul"] = (result[key]["flops_per_s_per_device"]
-                                                  / result["matmul"]["flops_per_s"])
     result["memory"] = memory_stats()
     return result
 

@@ -25,12 +25,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  (XLA_FLAGS is already in the environment)
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from daug_jax import parallel  # noqa: E402
+from daug_jax import bench, parallel  # noqa: E402
 from daug_jax.config import load_config  # noqa: E402
-from daug_jax.data.pipeline import ArraySource, Loader  # noqa: E402
+from daug_jax.data.pipeline import Loader  # noqa: E402
 
 NUM_STEPS = 3     # the first step runs at learning rate 0 (warm-up), so the weights move twice
 GLOBAL_BATCH = 8
@@ -39,50 +38,28 @@ IMAGE_SIZE = 32   # the synthetic benchmark's smallest size
 
 def diffusion_setup(model: str, dtype: str) -> tuple:
     """``(step(state, batch), init_state(mesh), source)`` for a tiny UNet or classifier."""
-    from daug_jax.diffusion import train as dtrain
-
     section = "unet" if model == "diffusion" else "classifier"
 
-    def modules(compute_dtype):
-        config = load_config("diffusion", [
+    def configure(compute_dtype):
+        return load_config("diffusion", [
             f"{section}.ch=8", f"{section}.channel_mult=(1,)", f"{section}.norm_groups=4",
             f"{section}.dtype={compute_dtype}", f"{section}_train.warmup_steps=1"])
-        tcfg = config.unet_train if model == "diffusion" else config.classifier_train
-        module = (dtrain.make_unet(config) if model == "diffusion"
-                  else dtrain.make_classifier(config, 7))
-        return config, module, dtrain.make_optimizer(tcfg)
 
     rng = np.random.default_rng(0)  # any images in [0, 1] do: only the arithmetic is compared
     images = rng.uniform(size=(2 * GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
     labels = rng.integers(-1, 2, size=(2 * GLOBAL_BATCH, 7)).astype(np.int8)
-    config, module, tx = modules(dtype)
-    alpha_bar, key = dtrain.alpha_bar_of(config), jax.random.key(1)
-    if model == "diffusion":
-        step_fn = dtrain.diffusion_step_fn(module, tx, alpha_bar, config.unet_train.ema_decay)
-        source = ArraySource({"image": images})
-    else:
-        step_fn = dtrain.classifier_step_fn(module, tx, alpha_bar, 500)
-        source = ArraySource({"image": images, "labels": labels})
-    # Parameters are float32 whatever the compute dtype: the float32 module initialises them
-    # for every run (one init program, compiled once), in one program instead of eager ops.
-    _, init_module, init_tx = modules("float32")
-    init = jax.jit(dtrain.init_state, static_argnums=(0, 1, 2), static_argnames="ema")
-
-    def init_state(mesh):
-        state = init(init_module, init_tx, images.shape[1:], jax.random.key(0),
-                     ema=model == "diffusion")
-        return parallel.replicate(state, mesh)
-
-    # The key is a constant of the program: the same on every process, no device_put needed.
-    return (lambda state, batch: step_fn(state, batch, key)), init_state, source
+    # float32 parameters whatever the compute dtype: one init program for every run.
+    return bench.unet_step(configure(dtype), images, init_config=configure("float32"),
+                           classifier_labels=labels if model == "classifier" else None)
 
 
 def towers_setup(dtype: str, workdir: str) -> tuple:
-    """``(step(state, batch), init_state(mesh), source)`` for tiny two towers."""
-    from daug_jax import train as ttrain
+    """``(step(state, batch), init_state(mesh), source)`` for tiny two towers.
+
+    The tokenizer is learnt by the first run into ``workdir`` and reloaded by every later run
+    and process: all must agree on the token ids.
+    """
     from daug_jax.data import synthetic
-    from daug_jax.models import text as text_lib
-    from daug_jax.models.two_tower import build_two_tower, class_prompts
 
     def configure(compute_dtype):
         return load_config("towers", [
@@ -92,28 +69,8 @@ def towers_setup(dtype: str, workdir: str) -> tuple:
             "model.text.intermediate_size=32", "model.text.max_length=48", "model.embed_dim=16",
             "train.warmup=1", f"train.batch_size={GLOBAL_BATCH}"])
 
-    config, init_config = configure(dtype), configure("float32")
     data = synthetic.generate(2 * GLOBAL_BATCH, image_size=IMAGE_SIZE, seed=0)
-    arrays, reports = ttrain.prepare_data(config, data)
-    # Learnt by the first run and reloaded by every later run and process: all must agree on
-    # the token ids.
-    tokenizer = ttrain.make_tokenizer(config.model.text, reports, workdir)
-    length = int(config.model.text.max_length)
-    arrays["input_ids"], arrays["attention_mask"] = text_lib.tokenize(tokenizer, reports, length)
-    class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
-        tokenizer, class_prompts(list(config.model.class_names)), length))
-    bert = ttrain.bert_config(config.model.text, len(tokenizer))
-    model, init_model = build_two_tower(config.model, bert), build_two_tower(init_config.model, bert)
-    tx, schedule = ttrain.make_optimizer(config.train)
-    init_key, step_key = jax.random.split(jax.random.key(0, impl=config.train.prng_impl))
-    step_fn = ttrain.make_train_step(model, tx, schedule, config, class_tokens, step_key)
-    example = {k: v[:1] for k, v in arrays.items()}
-
-    def init_state(mesh):  # float32 parameters whatever the compute dtype, as for the UNet
-        return ttrain.create_state(init_model, tx, init_key, example, class_tokens, init_config,
-                                   mesh)
-
-    return step_fn, init_state, ArraySource(arrays)
+    return bench.towers_step(configure(dtype), data, workdir, init_config=configure("float32"))
 
 
 def run(model: str, dtype: str, devices: list, workdir: str) -> dict:

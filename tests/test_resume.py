@@ -1,7 +1,7 @@
 """Fault tolerance: a training command SIGKILLed mid-run and rerun ends with the uninterrupted run's state.
 
 For each training CLI (``daug-jax train-diffusion``, ``daug-jax train``) with a tiny config,
-checkpointing every 2 of 10 steps on 2 simulated devices:
+checkpointing every 2 of 6 steps on 2 simulated devices:
   A. the command runs uninterrupted;
   B. the same command in another workdir is SIGKILLed as soon as its first checkpoint is complete,
      then started again and left to finish.
@@ -27,7 +27,7 @@ import pytest
 
 import _subproc
 
-STEPS, EVERY, TIMEOUT = 10, 2, 420
+STEPS, EVERY, TIMEOUT = 6, 2, 420
 
 CASES = {
     "train-diffusion": [

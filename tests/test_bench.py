@@ -1,0 +1,49 @@
+"""``daug-jax bench --quick`` runs end to end and writes a complete JSON report (no speed thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import _subproc
+
+STEPS = ("unet_train_step", "towers_train_step")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_bench_writes_every_measurement(tmp_path_factory):
+    cache = str(tmp_path_factory.getbasetemp() / "jax-cache")
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    printed = _subproc.run(_subproc.CLI + ["bench", "--quick", "--out", str(out)],
+                           _subproc.jax_env(cache), str(out) + ".log", timeout=420)
+    result = json.loads(out.read_text())
+
+    device = result["device"]
+    assert device["platform"] == "cpu" and device["count"] == 1 and device["jax"]
+    m = result["matmul"]
+    assert m["n"] == 256 and m["flops"] == 2 * 256 ** 3
+    # XLA's cost analysis, the FLOP source of the train steps, agrees with 2 n^3 on a matmul.
+    assert abs(m["xla_flops"] - m["flops"]) <= 0.01 * m["flops"]
+    assert _positive(m["median_s"]) and _positive(m["flops_per_s"])
+    for key in STEPS:
+        s = result[key]
+        for field in ("flops_per_device", "median_s", "flops_per_s", "flops_per_s_per_device",
+                      "images_per_s", "ratio_to_matmul", "compile_s"):
+            assert _positive(s[field]), (key, field, s[field])
+        assert s["batch"] == 4 and len(s["times_s"]) == 2 and len(s["ratios_to_matmul"]) == 2
+        assert math.isfinite(s["loss"])
+        # Consistent arithmetic: images/s and FLOP/s both come from the same median time.
+        assert math.isclose(s["images_per_s"] * s["median_s"], s["batch"], rel_tol=1e-9)
+        assert math.isclose(s["flops_per_s"] * s["median_s"], s["flops_per_device"], rel_tol=1e-9)
+    h = result["heatmaps"]
+    assert h["targets"] == 2 and h["batch"] == 2
+    for name in ("compiled", "python_loop"):
+        assert _positive(h[name]["images_classes_per_s"]) and _positive(h[name]["median_s"])
+    assert _positive(h["speedup"])
+    assert result["memory"]["host_peak_rss_bytes"] > 2 ** 20
+    # The printed summary carries the same numbers.
+    assert "UNet train step" in printed and "two-tower step" in printed
+    assert f"{result['unet_train_step']['flops_per_s'] / 1e9:.1f} GFLOP/s" in printed
