@@ -21,7 +21,6 @@ The step builders (`unet_step`, `towers_step`) are also what the data-parallel t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from daug_jax import parallel
 from daug_jax.config import load_config
 from daug_jax.data.pipeline import ArraySource
+from daug_jax.files import write_json
 
 PARTS = ("matmul", "unet", "towers", "heatmaps")
 
@@ -112,7 +112,9 @@ def towers_step(config: Any, data: dict, workdir: str, *,
     tx, schedule = ttrain.make_optimizer(config.train)
     init_key, step_key = jax.random.split(
         jax.random.key(int(config.train.seed), impl=config.train.prng_impl))
-    step_fn = ttrain.make_train_step(model, tx, schedule, config, class_tokens, step_key)
+    train_step = ttrain.make_train_step(model, tx, schedule, step_key)
+    consts = ttrain.step_constants(class_tokens, config)
+    step_fn = lambda state, batch: train_step(state, batch, consts)  # noqa: E731
     example = {k: v[:1] for k, v in arrays.items()}
 
     def init_state(mesh):
@@ -321,14 +323,6 @@ def report(result: dict) -> str:
                  + ("" if not mem["device"] else "; device peak " + ", ".join(
                      f"{m.get('peak_bytes_in_use', 0) / 2 ** 20:.0f} MiB" for m in mem["device"])))
     return "\n".join(lines)
-
-
-def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(command: str, argv: list[str]) -> int:

@@ -18,25 +18,11 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 
 from daug_jax import ablation, parallel
+from daug_jax.files import read_json, write_json, write_text
 
 STAGES = ("data", "diffusion", "classifier", "heatmaps", "localization", "towers", "report")
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str, default: Any = None) -> Any:
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
 
 
 class _Timer:
@@ -44,7 +30,7 @@ class _Timer:
 
     def __init__(self, out: str):
         self.path = os.path.join(out, "timing.json")
-        self.seconds = _read_json(self.path, {})
+        self.seconds = read_json(self.path, {})
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -53,7 +39,7 @@ class _Timer:
         yield
         if name not in self.seconds:
             self.seconds[name] = round(time.perf_counter() - start, 1)
-            _write_json(self.path, self.seconds)
+            write_json(self.path, self.seconds)
 
 
 def make_splits(data_config: Any) -> dict[str, dict]:
@@ -157,7 +143,7 @@ def write_report(out: str, config: Any, results: dict, localization_result: dict
                 | {"std": r["std"], "per_seed": r["per_seed"]} for name, r in results.items()}
     payload = {"variants": variants, "localization": localization_result,
                "timing_s": timing, "config": json.loads(config.to_json())}
-    _write_json(os.path.join(out, "results.json"), payload)
+    write_json(os.path.join(out, "results.json"), payload)
     figures.training_curves(os.path.join(out, "training_curves.png"), history)
     lines = ["# DAug demo results", "",
              f"Synthetic benchmark, {config.data.image_size} px, {config.data.num_train} training "
@@ -175,10 +161,7 @@ def write_report(out: str, config: Any, results: dict, localization_result: dict
               "| " + " | ".join(timing) + " |", "|" + " --- |" * len(timing),
               "| " + " | ".join(f"{v:.0f}" for v in timing.values()) + " |"]
     text = "\n".join(lines) + "\n"
-    tmp = os.path.join(out, "results.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, "results.md"))
+    write_text(os.path.join(out, "results.md"), text)
     return payload
 
 
@@ -188,6 +171,13 @@ def run_demo(config: Any) -> dict:
 
     out = config.out
     os.makedirs(out, exist_ok=True)
+    import jax
+
+    # Compiled programs persist under <out>/xla_cache (unless JAX_COMPILATION_CACHE_DIR says
+    # otherwise): the four tower variants run one program, and a resumed demo compiles nothing
+    # it compiled before.  On a 2-core CPU compilation is a large part of the demo's time.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(out, "xla_cache")))
     timer = _Timer(out)
     with timer.stage("data"):
         splits = make_splits(config.data)
@@ -205,8 +195,8 @@ def run_demo(config: Any) -> dict:
     loc_path = os.path.join(out, "localization.json")
     with timer.stage("localization"):
         if not os.path.exists(loc_path):
-            _write_json(loc_path, localize(config, out, splits["test"]))
-    localization_result = _read_json(loc_path)
+            write_json(loc_path, localize(config, out, splits["test"]))
+    localization_result = read_json(loc_path)
     with timer.stage("towers"):
         results, history = run_towers(config, out, splits)
     with timer.stage("report"):
@@ -217,7 +207,7 @@ def run_demo(config: Any) -> dict:
                                   splits["test"])
         payload = write_report(out, config, results, localization_result, timer.seconds, history)
     payload["timing_s"] = timer.seconds
-    _write_json(os.path.join(out, "results.json"), payload)
+    write_json(os.path.join(out, "results.json"), payload)
     return payload
 
 
@@ -237,7 +227,7 @@ def main(command: str, argv: list[str]) -> int:
     if args.out:
         config.out = args.out
     start = time.perf_counter()
-    payload = run_demo(config)
+    run_demo(config)
     print(f"\ndemo: finished in {time.perf_counter() - start:.0f} s (this run); results in "
           f"{config.out}/results.md, results.json, heatmaps.png, training_curves.png, "
           f"retrieval_example.png\n")

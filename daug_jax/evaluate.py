@@ -14,7 +14,7 @@ import numpy as np
 from daug_jax import metrics
 from daug_jax.models import text as text_lib
 from daug_jax.models.two_tower import TwoTower, class_prompts
-from daug_jax.train import assemble_images, load_towers, prepare_data
+from daug_jax.train import load_towers, prepare_data
 
 _BATCH = 256  # records encoded per call; the last chunk is padded to keep one compiled shape
 
@@ -38,11 +38,13 @@ def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, data: d
     [N, C] float32 (C = config.model.class_names), "logit_scale", "class_scale", "class_bias"}.
     """
     arrays, reports = prepare_data(config, data)
-    vision, length = config.model.vision, int(config.model.text.max_length)
-    images = np.asarray(assemble_images(arrays["image"], arrays.get("heatmaps"),
-                                        int(vision.in_channels), vision.fill))
-    encode_image = jax.jit(lambda x: model.apply(variables, x, method=TwoTower.encode_image))
-    encode_text = jax.jit(lambda i, m: model.apply(variables, i, m, method=TwoTower.encode_text))
+    images, length = arrays["image"], int(config.model.text.max_length)
+    # The variables are an argument, not a constant of the programs: towers of the same shape
+    # (the variants of an ablation) share the compiled encoders.
+    image_fn = jax.jit(lambda v, x: model.apply(v, x, method=TwoTower.encode_image))
+    text_fn = jax.jit(lambda v, i, m: model.apply(v, i, m, method=TwoTower.encode_text))
+    encode_image = lambda x: image_fn(variables, x)  # noqa: E731
+    encode_text = lambda i, m: text_fn(variables, i, m)  # noqa: E731
     ids, mask = text_lib.tokenize(tokenizer, reports, length)
     cls_ids, cls_mask = text_lib.tokenize(
         tokenizer, class_prompts(list(config.model.class_names)), length)

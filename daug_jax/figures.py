@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import numpy as np
+
+from daug_jax.files import save_figure
 
 
 def _pyplot():
@@ -15,13 +16,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def training_curves(path: str, history: dict[str, list[list[dict]]]) -> None:
@@ -43,7 +37,7 @@ def training_curves(path: str, history: dict[str, list[list[dict]]]) -> None:
     axes[1].text(0.02, 0.02, "CLIP-only variants: logged, not optimised", fontsize=7,
                  transform=axes[1].transAxes)
     axes[0].legend()
-    _save(fig, path)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def retrieval_example(path: str, workdir: str, test: dict, num_queries: int = 3,
@@ -84,4 +78,4 @@ def retrieval_example(path: str, workdir: str, test: dict, num_queries: int = 3,
         axes[row, -1].axis("off")
     fig.suptitle(f"Retrieval with the {config.model.vision.fill} / class_weight="
                  f"{config.train.class_weight} towers (test films)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path, bbox_inches="tight")

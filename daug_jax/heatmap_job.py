@@ -28,6 +28,7 @@ from flax import serialization
 from tqdm import tqdm
 
 from daug_jax.data import pipeline
+from daug_jax.files import write_json
 from daug_jax.heatmaps import (HeatmapFn, calibrate_scale, init_models, load_models,
                                make_heatmap_fn, scale_heatmaps, to_model_space,
                                translate_python_loop)
@@ -38,13 +39,6 @@ _CALIBRATION = "calibration.json"
 
 def _shard_name(k: int, num_shards: int) -> str:
     return f"heatmaps-{k:05d}-of-{num_shards:05d}.array_record"
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _num_records(path: str) -> int | None:
@@ -96,7 +90,7 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
             raise ValueError(f"{out_dir} holds heatmaps made with other settings "
                              f"({', '.join(diff)}: {[old.get(k) for k in diff]} vs "
                              f"{[meta.get(k) for k in diff]}); use another output directory")
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
     for name in os.listdir(out_dir):          # leftovers of an interrupted shard
         if name.startswith("heatmaps-") and name.endswith(".tmp"):
             os.remove(os.path.join(out_dir, name))
@@ -226,7 +220,7 @@ def calibrate(heatmap_fn: HeatmapFn, source: Any, out_dir: str, *, num_images: i
     raw = raw_heatmaps_of(heatmap_fn, source, range(settings["num_images"]), batch_size)
     calibration = {**settings, "scale_constant": calibrate_scale(raw, percentile)}
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(path, calibration)
+    write_json(path, calibration)
     return calibration
 
 

@@ -19,9 +19,8 @@ scale, which is how the sweep over scales stays affordable.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from daug_jax import metrics
 from daug_jax.diffusion import sampling
+from daug_jax.files import save_figure, write_json
 from daug_jax.heatmaps import TranslationModels, raw_heatmap
 
 MODES = ("anomaly", "site")
@@ -168,7 +168,7 @@ def plot_examples(path: str, images: np.ndarray, cases: dict, out: dict,
             hit = bool(region[peak])
             ax.plot(peak[1], peak[0], marker="x", color="lime" if hit else "red", markersize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -192,21 +192,8 @@ def plot_sweep(path: str, sweep: dict) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
-
-
-def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -254,11 +241,11 @@ def main(command: str, argv: list[str]) -> int:
                 "cases_per_class": loc.cases_per_class, "diffusion": args.diffusion,
                 "classifier": args.classifier}
     os.makedirs(args.out, exist_ok=True)
-    _write_json(os.path.join(args.out, "localization.json"),
+    write_json(os.path.join(args.out, "localization.json"),
                 {**results[float(scale)], "settings": settings})
     plot_examples(os.path.join(args.out, "localization.png"), images, cases, out[float(scale)],
                   synthetic.CLASS_NAMES, loc.examples_per_class)
-    _write_json(os.path.join(args.out, "guidance_sweep.json"),
+    write_json(os.path.join(args.out, "guidance_sweep.json"),
                 {"settings": settings, "scales": {str(s): results[s] for s in sweep}})
     plot_sweep(os.path.join(args.out, "guidance_sweep.png"),
                {str(s): results[s] for s in sweep})

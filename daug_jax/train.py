@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from daug_jax import parallel
+from daug_jax import files, parallel
 from daug_jax.checkpoint import Checkpointer
 from daug_jax.data import synthetic
 from daug_jax.data.pipeline import ArraySource, Loader
@@ -90,9 +90,10 @@ def check_reports(data: dict) -> list[str]:
 def prepare_data(config: ml_collections.ConfigDict, data: dict) -> tuple[dict, list[str]]:
     """Validates ``data`` and turns it into the arrays of a training batch (all [N, ...]).
 
-    Returns (arrays, reports): image [N, H, W, 1] float32, labels / label_mask [N, C'] float32
-    for the C' = len(model.class_names) classes, heatmaps [N, H, W, K] float32 when the fill is
-    "heatmaps"; the reports (to tokenise) as a list of N non-empty strings.
+    Returns (arrays, reports): image [N, H, W, in_channels] float32 (the X-ray and its extra
+    channels per ``model.vision.fill``, see `assemble_images`), labels / label_mask [N, C']
+    float32 for the C' = len(model.class_names) classes; the reports (to tokenise) as a list of
+    N non-empty strings.
     """
     vision = config.model.vision
     for key in ("image", "report", "labels"):
@@ -108,8 +109,7 @@ def prepare_data(config: ml_collections.ConfigDict, data: dict) -> tuple[dict, l
         heatmaps = np.asarray(data["heatmaps"])
         # Heatmap datasets may store uint8 (round(255 * h)).
         heatmaps = (heatmaps / 255.0 if heatmaps.dtype == np.uint8 else heatmaps).astype(np.float32)
-    assemble_images(image[:1], None if heatmaps is None else heatmaps[:1],
-                    int(vision.in_channels), vision.fill)
+    image = assemble_images(image, heatmaps, int(vision.in_channels), vision.fill)
 
     raw = np.asarray(data["labels"])
     valid = list(data.get("class_names", synthetic.CLASS_NAMES))
@@ -121,8 +121,6 @@ def prepare_data(config: ml_collections.ConfigDict, data: dict) -> tuple[dict, l
     labels, mask = labels_and_mask(raw[:, columns].astype(np.float32),
                                    config.train.get("label_policy", "ignore"), missing=missing)
     out = {"image": image, "labels": np.asarray(labels), "label_mask": np.asarray(mask)}
-    if heatmaps is not None:
-        out["heatmaps"] = heatmaps
     return out, check_reports(data)
 
 
@@ -171,15 +169,17 @@ def make_optimizer(train_config: Any) -> tuple[optax.GradientTransformation, opt
 
 def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Array,
                  example: dict, class_tokens: tuple, config: Any, mesh: Any) -> TrainState:
-    """Fresh parameters (replicated on ``mesh``) from one example row of the training arrays."""
+    """Fresh parameters (replicated on ``mesh``) for inputs shaped like ``example`` (one row of
+    the training arrays) and ``class_tokens``."""
     compiler_options = _compiler_options(config)
-    vision = config.model.vision
+    # Zeros of the inputs' shapes: the initial parameters depend on shapes only, and a program
+    # without the data in it is the same program for every run of this shape (compiled once).
+    zeros = lambda a: jnp.zeros(np.shape(a), jnp.asarray(a).dtype)  # noqa: E731
 
     def init(key):
-        images = assemble_images(example["image"], example.get("heatmaps"),
-                                 int(vision.in_channels), vision.fill)
-        variables = model.init(key, images, example["input_ids"], example["attention_mask"],
-                               *class_tokens, train=False)
+        variables = model.init(key, zeros(example["image"]), zeros(example["input_ids"]),
+                               zeros(example["attention_mask"]), *map(zeros, class_tokens),
+                               train=False)
         return variables["params"], variables.get("batch_stats", {})
 
     params, batch_stats = jax.jit(init, out_shardings=parallel.replicated(mesh),
@@ -193,33 +193,42 @@ def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Arr
                       batch_stats=batch_stats, opt_state=opt_state)
 
 
-def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    config: Any, class_tokens: tuple, key: jax.Array):
-    """``train_step(state, batch) -> (state, metrics)``, pure; jit it with the mesh shardings.
+def step_constants(class_tokens: tuple, config: Any) -> dict:
+    """What a run's steps hold fixed, as arrays: the class prompts' tokens ``class_ids`` /
+    ``class_mask`` [C', L] and the hybrid loss's λ ``class_weight`` [] (``train.class_weight``).
 
-    batch: image [B, H, W, 1], (heatmaps [B, H, W, K]), input_ids / attention_mask [B, L],
-    labels / label_mask [B, C].  Metrics: float32 scalars.
+    Arguments of the compiled step rather than constants inside it: runs that differ only in
+    these (the ablation's CLIP and hybrid variants) then share one compiled program.
     """
-    vision = config.model.vision
-    class_weight = float(config.train.class_weight)
+    ids, mask = class_tokens
+    return {"class_ids": jnp.asarray(ids, jnp.int32), "class_mask": jnp.asarray(mask, jnp.int32),
+            "class_weight": jnp.asarray(float(config.train.class_weight), jnp.float32)}
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+
+def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    key: jax.Array):
+    """``train_step(state, batch, consts) -> (state, metrics)``, pure; jit it with the mesh shardings.
+
+    batch: image [B, H, W, in_channels] (from `prepare_data`), input_ids / attention_mask [B, L],
+    labels / label_mask [B, C']; consts: `step_constants` (replicated).  Metrics: float32 scalars.
+    """
+
+    def train_step(state: TrainState, batch: dict, consts: dict) -> tuple[TrainState, dict]:
         dropout_key = jax.random.fold_in(key, state.step)
-        images = assemble_images(batch["image"], batch.get("heatmaps"),
-                                 int(vision.in_channels), vision.fill)
+        images = batch["image"]
 
         def loss_fn(params):
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
             out, updates = model.apply(
-                variables, images, batch["input_ids"], batch["attention_mask"], *class_tokens,
-                train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+                variables, images, batch["input_ids"], batch["attention_mask"],
+                consts["class_ids"], consts["class_mask"], train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
             loss, parts = hybrid_contrastive_loss(
                 out["image_emb"], out["text_emb"], out["class_emb"], batch["labels"],
                 batch["label_mask"], logit_scale=out["logit_scale"],
                 class_scale=out["class_scale"], class_bias=out["class_bias"],
-                class_weight=class_weight)
+                class_weight=consts["class_weight"])
             scalars = {k: out[k] for k in ("logit_scale", "class_scale", "class_bias")}
             return loss, (parts, scalars, updates.get("batch_stats", state.batch_stats))
 
@@ -246,12 +255,8 @@ def _compiler_options(config: Any) -> dict | None:
 # ----------------------------------------------------------------------------- files
 def _write_text(path: str, text: str) -> None:
     """Process 0 writes ``path`` whole (temp file, then rename)."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        files.write_text(path, text)
 
 
 def _read_history(path: str, upto_step: int) -> list[dict]:
@@ -309,8 +314,10 @@ def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
     log_path = os.path.join(workdir, "metrics.jsonl")
     history = _read_history(log_path, start)
 
-    step_fn = jax.jit(make_train_step(model, tx, schedule, config, class_tokens, step_key),
-                      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+    consts = parallel.replicate(step_constants(class_tokens, config), mesh)
+    step_fn = jax.jit(make_train_step(model, tx, schedule, step_key),
+                      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
+                                    parallel.replicated(mesh)),
                       out_shardings=parallel.replicated(mesh), donate_argnums=0,
                       compiler_options=_compiler_options(config))
     steps = int(train_cfg.steps)
@@ -319,7 +326,7 @@ def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
     with tqdm(range(start, stop), initial=start, total=steps, desc="train towers",
               unit="step", disable=not progress) as bar:
         for step in bar:
-            state, metrics = step_fn(state, parallel.shard_batch(loader.batch(step), mesh))
+            state, metrics = step_fn(state, parallel.shard_batch(loader.batch(step), mesh), consts)
             pending.append(metrics)  # device scalars: read once per interval, not every step
             done = step + 1
             if done % log_every == 0 or done == stop:

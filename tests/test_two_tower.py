@@ -118,6 +118,48 @@ def test_load_towers_restores_the_final_state(uninterrupted, data):
     assert tokenizer.unk_token_id not in ids
 
 
+def _lowered_step(config, data, workdir):
+    """The train step of ``config`` on ``data``, lowered for its real arguments: (text, consts)."""
+    from daug_jax import parallel
+    from daug_jax.models import text as text_lib
+
+    arrays, reports = train.prepare_data(config, data)
+    tokenizer = train.make_tokenizer(config.model.text, reports, workdir)
+    length = int(config.model.text.max_length)
+    arrays["input_ids"], arrays["attention_mask"] = text_lib.tokenize(tokenizer, reports, length)
+    class_tokens = text_lib.tokenize(tokenizer, class_prompts(list(config.model.class_names)),
+                                     length)
+    model = train.build_two_tower(config.model, train.bert_config(config.model.text,
+                                                                  len(tokenizer)))
+    tx, schedule = train.make_optimizer(config.train)
+    mesh = parallel.make_mesh()
+    example = {k: v[:1] for k, v in arrays.items()}
+    state = train.create_state(model, tx, jax.random.key(0, impl="rbg"), example, class_tokens,
+                               config, mesh)
+    consts = train.step_constants(class_tokens, config)
+    step = train.make_train_step(model, tx, schedule, jax.random.key(1, impl="rbg"))
+    batch = {k: v[:8] for k, v in arrays.items()}
+    return jax.jit(step).lower(state, batch, consts).as_text(), consts, batch
+
+
+def test_ablation_variants_run_one_program(compile_once, data, tmp_path):
+    """The baseline (image repeated, CLIP loss only) and DAug + hybrid (heatmap channels, λ = 1)
+    differ in their data and constants, not in their compiled train step: one compilation
+    serves the whole ablation."""
+    rng = np.random.default_rng(0)
+    with_maps = {**data, "heatmaps": rng.uniform(size=(8, 32, 32, 2)).astype(np.float32)}
+    baseline = _config()
+    baseline.train.class_weight = 0.0
+    daug_hybrid = _config()
+    daug_hybrid.model.vision.fill = "heatmaps"
+    text_a, consts_a, batch_a = _lowered_step(baseline, data, str(tmp_path))
+    text_b, consts_b, batch_b = _lowered_step(daug_hybrid, with_maps, str(tmp_path))
+    assert float(consts_a["class_weight"]) == 0.0 and float(consts_b["class_weight"]) == 1.0
+    np.testing.assert_array_equal(batch_a["image"][..., 1], batch_a["image"][..., 0])
+    np.testing.assert_allclose(batch_b["image"][..., 1:], with_maps["heatmaps"])
+    assert text_a == text_b
+
+
 def test_channel_count_mismatch_is_a_clear_error(data, tmp_path):
     config = _config()
     config.model.vision.fill = "heatmaps"
@@ -128,7 +170,7 @@ def test_channel_count_mismatch_is_a_clear_error(data, tmp_path):
     with pytest.raises(ValueError, match=r'no "heatmaps"'):
         train.train_towers(config, data, str(tmp_path), progress=False)
     rgb = {**data, "image": np.repeat(data["image"], 3, axis=-1)}
-    with pytest.raises(ValueError, match=r"\[B, H, W, 1\].*\(1, 32, 32, 3\)"):
+    with pytest.raises(ValueError, match=r"\[B, H, W, 1\].*\(8, 32, 32, 3\)"):
         train.train_towers(_config(), rgb, str(tmp_path), progress=False)
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import textwrap
 import time
 
 from daug_jax.data import synthetic
+from daug_jax.files import save_figure
 
 # One colour per localized class, for the mask outlines and the legend.
 COLOURS = dict(zip(synthetic.LOCALIZED_CLASSES,
@@ -55,16 +55,7 @@ def save_grid(data: dict, path: str, *, cols: int = 4, wrap: int = 44) -> None:
     handles = [Line2D([], [], color=c, lw=2, label=name) for name, c in COLOURS.items()]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.985), h_pad=0.5)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_figure(fig, path)
 
 
 def bench(num: int, size: int, seed: int = 0) -> dict:

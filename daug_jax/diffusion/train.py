@@ -37,6 +37,7 @@ from daug_jax.data.pipeline import ArraySource, Loader
 from daug_jax.diffusion.classifier import NoiseAwareClassifier, masked_bce
 from daug_jax.diffusion.schedule import alphas_cumprod, eps_loss, q_sample
 from daug_jax.diffusion.unet import UNet
+from daug_jax.files import write_text
 
 State = dict  # {"step": int32 [], "params", "opt_state", and "ema" for the diffusion model}
 
@@ -196,14 +197,6 @@ def _json(obj: Any) -> Any:
     return json.loads(json.dumps(obj))  # tuples -> lists, so stored and fresh metas compare equal
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Write to a temporary name, then rename: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _check_resume(saved: dict, meta: dict, workdir: str) -> None:
     """A checkpoint may only be resumed by the same kind of model, architecture, schedule and data shape."""
     for key in ("kind", "image_shape", "class_names"):
@@ -265,11 +258,11 @@ def _fit(*, name: str, spec: str, meta: dict, source: ArraySource,
         state = init(prng_key(tcfg.seed), image_shape)
     lead = jax.process_index() == 0
     if lead:
-        _write_atomic(meta_path, json.dumps(meta, indent=1))
+        write_text(meta_path, json.dumps(meta, indent=1))
         if os.path.exists(log_path):  # rows past the restored step are recomputed below
             with open(log_path) as f:
                 rows = [r for r in f if r.strip() and json.loads(r)["step"] <= start]
-            _write_atomic(log_path, "".join(rows))
+            write_text(log_path, "".join(rows))
 
     # Created by a jitted program so that every process holds its shard of the replicated key
     # (device_put of a host value onto a multi-process sharding is refused).

@@ -20,6 +20,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from daug_jax.models.text import BertConfig, TextTower
 from daug_jax.models.vision import build_vision_tower
@@ -106,21 +107,24 @@ class TwoTower(nn.Module):
         return {**out, **self.scalars()}
 
 
-def assemble_images(image: jnp.ndarray, heatmaps: jnp.ndarray | None, in_channels: int,
-                    fill: str) -> jnp.ndarray:
-    """The image tower's input [B, H, W, in_channels]: ``[x0, extra...]`` on the channel axis.
+def assemble_images(image: np.ndarray, heatmaps: np.ndarray | None, in_channels: int,
+                    fill: str) -> np.ndarray:
+    """The image tower's input [B, H, W, in_channels] float32: ``[x0, extra...]`` on the channel axis.
 
     image: [B, H, W, 1] float in [0, 1]; heatmaps: [B, H, W, K] float in [0, 1] (fill "heatmaps",
     with 1 + K == in_channels) or None (fill "repeat": the image fills every channel, the
-    baseline of the ablation with the same architecture).
+    baseline of the ablation with the same architecture).  Assembled on the host (NumPy): the
+    compiled train step then sees the same [B, H, W, in_channels] input whatever the fill, so
+    every variant of the ablation runs one program.
     """
     if fill not in FILLS:
         raise ValueError(f"unknown model.vision.fill {fill!r}; valid: {', '.join(FILLS)}")
+    image = np.asarray(image, np.float32)
     if image.ndim != 4 or image.shape[-1] != 1:
         raise ValueError(f"image batch must be [B, H, W, 1] (the X-ray alone; extra channels come "
                          f"from model.vision.fill), got shape {tuple(image.shape)}")
     if fill == "repeat":
-        return jnp.broadcast_to(image, image.shape[:-1] + (in_channels,))
+        return np.repeat(image, in_channels, axis=-1)
     if heatmaps is None:
         raise ValueError('model.vision.fill is "heatmaps" but the data has no "heatmaps" '
                          "[N, H, W, K] (set data.heatmaps_dir)")
@@ -131,7 +135,7 @@ def assemble_images(image: jnp.ndarray, heatmaps: jnp.ndarray | None, in_channel
     if heatmaps.shape[:-1] != image.shape[:-1]:
         raise ValueError(f"heatmaps {tuple(heatmaps.shape)} do not match images "
                          f"{tuple(image.shape)} in [B, H, W]")
-    return jnp.concatenate([image, heatmaps.astype(image.dtype)], axis=-1)
+    return np.concatenate([image, np.asarray(heatmaps, np.float32)], axis=-1)
 
 
 def bert_config(text_config: Any, vocab_size: int) -> BertConfig:
