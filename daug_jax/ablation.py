@@ -26,7 +26,8 @@ def _mean_std(values: list) -> dict:
     ok = vals[~np.isnan(vals)]
     if not len(ok):
         return {"mean": None, "std": None}
-    return {"mean": float(ok.mean()), "std": float(ok.std(ddof=1)) if len(ok) > 1 else 0.0}
+    # One value has no spread to report (None), rather than a misleading 0.
+    return {"mean": float(ok.mean()), "std": float(ok.std(ddof=1)) if len(ok) > 1 else None}
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -84,13 +85,14 @@ def run_ablation(configs: dict[str, Any], seeds: Sequence[int], train: dict, tes
 
 
 def markdown_table(results: dict) -> str:
-    """Variants x metrics as a Markdown table of ``mean ± std``."""
+    """Variants x metrics as a Markdown table of ``mean ± std`` (the mean alone for one seed)."""
     head = "| variant | " + " | ".join(METRIC_KEYS) + " |"
     rows = [head, "|" + " --- |" * (len(METRIC_KEYS) + 1)]
     for name, r in results.items():
         cells = []
         for key in METRIC_KEYS:
             mean, std = r[key], r["std"][key]
-            cells.append("n/a" if mean is None else f"{mean:.3f} ± {std:.3f}")
+            cells.append("n/a" if mean is None else f"{mean:.3f}" if std is None
+                         else f"{mean:.3f} ± {std:.3f}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -242,11 +242,11 @@ def main(command: str, argv: list[str]) -> int:
                 "classifier": args.classifier}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "localization.json"),
-                {**results[float(scale)], "settings": settings})
+               {**results[float(scale)], "settings": settings})
     plot_examples(os.path.join(args.out, "localization.png"), images, cases, out[float(scale)],
                   synthetic.CLASS_NAMES, loc.examples_per_class)
     write_json(os.path.join(args.out, "guidance_sweep.json"),
-                {"settings": settings, "scales": {str(s): results[s] for s in sweep}})
+               {"settings": settings, "scales": {str(s): results[s] for s in sweep}})
     plot_sweep(os.path.join(args.out, "guidance_sweep.png"),
                {str(s): results[s] for s in sweep})
     for s in scales:
