@@ -128,9 +128,9 @@ def prepare_data(config: ml_collections.ConfigDict, data: dict) -> tuple[dict, l
 def make_tokenizer(text_config: Any, reports: Sequence[str], workdir: str) -> Any:
     """The checkpoint's tokenizer, or a WordPiece vocabulary learnt from ``reports`` + prompts.
 
-    A learnt tokenizer is saved under ``workdir/tokenizer`` and reloaded on resume: WordPiece
-    training breaks frequency ties in no fixed order, so retraining could change the token ids.
-    For the same reason only process 0 trains it; the others wait and read the saved one.
+    A learnt tokenizer is saved under ``workdir/tokenizer`` and reloaded on resume, so the
+    vocabulary belongs to the run (a resumed run reads its reports through the ids it started
+    with).  Process 0 learns it; the others wait and read the saved one.
     """
     from transformers import AutoTokenizer
 

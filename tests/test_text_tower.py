@@ -4,9 +4,11 @@ checkpoint errors, bfloat16 compute and the WordPiece tokenizer."""
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 import transformers
@@ -282,6 +284,26 @@ def test_wordpiece_tokenizer_round_trip(tmp_path):
     np.testing.assert_array_equal(tokenize(reloaded, REPORTS[:5], 10)[0], ids)
     # len(tokenizer) sizes a from-scratch tower: every id must index its embedding table.
     assert ids.max() < small_config(len(tokenizer)).vocab_size
+
+
+def test_wordpiece_vocabulary_is_a_function_of_the_corpus():
+    """Same texts in any order -> the same token ids; words ranked by count, ties alphabetical;
+    a word outside the vocabulary is spelled with the corpus's characters, not [UNK]."""
+    a = train_wordpiece_tokenizer(REPORTS, vocab_size=300).get_vocab()
+    b = train_wordpiece_tokenizer(REPORTS[::-1], vocab_size=300).get_vocab()
+    assert a == b
+    ranked = sorted(a, key=a.get)
+    assert ranked[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [t for t in ranked if len(t) > 1 and not t.startswith(("[", "##"))]
+    text = " ".join(REPORTS).lower()
+    counts = [len(re.findall(rf"(?<![a-z]){re.escape(w)}(?![a-z])", text)) for w in words]
+    assert counts == sorted(counts, reverse=True)
+    small = train_wordpiece_tokenizer(REPORTS, vocab_size=len(a) - 1)  # all but the rarest word
+    rare = words[-1]
+    assert rare not in small.get_vocab()
+    ids = small(rare)["input_ids"][1:-1]
+    assert small.unk_token_id not in ids and len(ids) > 1
+    assert small.decode(ids) == rare
 
 
 def test_tokenize_rejects_bad_texts():
