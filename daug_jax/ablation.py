@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Sequence
 
 import numpy as np
 
 from daug_jax.evaluate import evaluate_towers
 from daug_jax.files import write_json
-from daug_jax.train import check_reports, make_tokenizer, train_towers
+from daug_jax.train import train_towers
 
 METRIC_KEYS = ("macro_auroc", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
                "t2i_R@10", "i2i_P@10")
@@ -50,17 +49,7 @@ def run_ablation(configs: dict[str, Any], seeds: Sequence[int], train: dict, tes
     variant fills its channels with them).  Each run lives in ``out_dir/<variant>/seed<k>``, and
     its metrics in ``metrics.json`` there, so a rerun skips finished runs.  ``history``, when
     given, receives each run's training log.  Returns {variant: aggregate(...)}.
-
-    Variants whose text towers are configured alike read the reports through one learnt
-    tokenizer (``out_dir/tokenizer``): the comparison then differs only in what the variants
-    vary, and their train steps compile to one program.
     """
-    text_configs = {c.model.text.to_json() for c in configs.values()}
-    shared = None
-    if len(text_configs) == 1 and not next(iter(configs.values())).model.text.get("path"):
-        os.makedirs(out_dir, exist_ok=True)
-        make_tokenizer(next(iter(configs.values())).model.text, check_reports(train), out_dir)
-        shared = os.path.join(out_dir, "tokenizer")
     results = {}
     for name, config in configs.items():
         runs = []
@@ -71,8 +60,6 @@ def run_ablation(configs: dict[str, Any], seeds: Sequence[int], train: dict, tes
                 run_config = config.copy_and_resolve_references()
                 run_config.train.seed = int(seed)
                 print(f"ablation: {name}, seed {seed}")
-                if shared and not os.path.isdir(os.path.join(workdir, "tokenizer")):
-                    shutil.copytree(shared, os.path.join(workdir, "tokenizer"))
                 train_towers(run_config, train, workdir)
                 write_json(done, evaluate_towers(workdir, test))
             with open(done) as f:

@@ -18,7 +18,6 @@ import os
 import time
 from typing import Any
 
-
 from daug_jax import ablation, parallel
 from daug_jax.files import read_json, write_json, write_text
 
@@ -177,7 +176,8 @@ def run_demo(config: Any) -> dict:
     # otherwise): the four tower variants run one program, and a resumed demo compiles nothing
     # it compiled before.  On a 2-core CPU compilation is a large part of the demo's time.
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(out, "xla_cache")))
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.abspath(os.path.join(out, "xla_cache")))
     timer = _Timer(out)
     with timer.stage("data"):
         splits = make_splits(config.data)

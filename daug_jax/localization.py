@@ -169,7 +169,6 @@ def plot_examples(path: str, images: np.ndarray, cases: dict, out: dict,
             ax.plot(peak[1], peak[0], marker="x", color="lime" if hit else "red", markersize=7)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_sweep(path: str, sweep: dict) -> None:
@@ -193,7 +192,6 @@ def plot_sweep(path: str, sweep: dict) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI

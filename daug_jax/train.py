@@ -174,7 +174,7 @@ def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Arr
     compiler_options = _compiler_options(config)
     # Zeros of the inputs' shapes: the initial parameters depend on shapes only, and a program
     # without the data in it is the same program for every run of this shape (compiled once).
-    zeros = lambda a: jnp.zeros(np.shape(a), jnp.asarray(a).dtype)  # noqa: E731
+    zeros = lambda a: jnp.zeros(a.shape, a.dtype)  # noqa: E731
 
     def init(key):
         variables = model.init(key, zeros(example["image"]), zeros(example["input_ids"]),
@@ -215,15 +215,15 @@ def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule:
 
     def train_step(state: TrainState, batch: dict, consts: dict) -> tuple[TrainState, dict]:
         dropout_key = jax.random.fold_in(key, state.step)
-        images = batch["image"]
 
         def loss_fn(params):
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
             out, updates = model.apply(
-                variables, images, batch["input_ids"], batch["attention_mask"],
-                consts["class_ids"], consts["class_mask"], train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+                variables, batch["image"], batch["input_ids"], batch["attention_mask"],
+                consts["class_ids"], consts["class_mask"], train=True,
+                rngs={"dropout": dropout_key}, mutable=["batch_stats"])
             loss, parts = hybrid_contrastive_loss(
                 out["image_emb"], out["text_emb"], out["class_emb"], batch["labels"],
                 batch["label_mask"], logit_scale=out["logit_scale"],

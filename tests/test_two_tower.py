@@ -152,8 +152,9 @@ def test_ablation_variants_run_one_program(compile_once, data, tmp_path):
     baseline.train.class_weight = 0.0
     daug_hybrid = _config()
     daug_hybrid.model.vision.fill = "heatmaps"
-    text_a, consts_a, batch_a = _lowered_step(baseline, data, str(tmp_path))
-    text_b, consts_b, batch_b = _lowered_step(daug_hybrid, with_maps, str(tmp_path))
+    # Separate workdirs: each run learns its own tokenizer, as the ablation's runs do.
+    text_a, consts_a, batch_a = _lowered_step(baseline, data, str(tmp_path / "a"))
+    text_b, consts_b, batch_b = _lowered_step(daug_hybrid, with_maps, str(tmp_path / "b"))
     assert float(consts_a["class_weight"]) == 0.0 and float(consts_b["class_weight"]) == 1.0
     np.testing.assert_array_equal(batch_a["image"][..., 1], batch_a["image"][..., 0])
     np.testing.assert_allclose(batch_b["image"][..., 1:], with_maps["heatmaps"])
