@@ -1,0 +1,193 @@
+"""The dataset registry: dataset name -> TFDS builder, split sources, class names, conventions.
+
+Every stage that reads films names its dataset the same way — ``data.name`` / ``data.data_dir``
+in its config, or ``--data NAME --data-dir DIR`` on the command line — and gets it from here:
+
+    dataset = open_dataset(config.data)          # builds synthetic_cxr if it is missing
+    source = dataset.source("train")             # random access: source[i] -> dict of arrays
+    dataset.class_names, dataset.has_reports, dataset.image_shape
+
+Registered datasets (all array_record, readable without TensorFlow):
+
+    synthetic_cxr   the built-in benchmark (reports, labels, masks, sites); built on demand
+    mimic_cxr       MIMIC-CXR-JPG + reports (manual download: ``daug-jax data prepare``)
+    chexpert_cxr    CheXpert v1.0 (no reports; manual download)
+
+Label convention of every dataset: ``labels`` int8 [C] in {1, 0, -1 = uncertain} and, where a
+label can be blank, ``missing`` bool [C]; `daug_jax.losses.labels_and_mask` turns both into
+targets and a loss mask under ``data.label_policy`` for every consumer alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import tensorflow_datasets as tfds
+
+DEFAULT = "synthetic_cxr"
+
+
+def _synthetic(cfg: Any, image_size: int):
+    from daug_jax.data import builders
+    from daug_jax.data.real_common import predefined
+
+    config = builders.SyntheticCxrConfig(
+        image_size=image_size, num_train=int(cfg.get("num_train", 2000) or 2000),
+        num_validation=int(cfg.get("num_validation", 500) or 0),
+        num_test=int(cfg.get("num_test", 500) or 0), seed=int(cfg.get("seed", 0)))
+    return builders.SyntheticCxr(config=predefined(builders.SyntheticCxr, config),
+                                 data_dir=cfg.get("data_dir") or "runs/tfds")
+
+
+def _mimic(cfg: Any, image_size: int):
+    from daug_jax.data import mimic_cxr
+
+    config = mimic_cxr.MimicCxrConfig(
+        image_size=image_size,
+        report_section=cfg.get("report_section", None) or "findings+impression")
+    return mimic_cxr.MimicCxr(config=config, data_dir=cfg.get("data_dir") or "runs/tfds")
+
+
+def _chexpert(cfg: Any, image_size: int):
+    from daug_jax.data import chexpert
+
+    return chexpert.ChexpertCxr(config=chexpert.ChexpertCxrConfig(image_size=image_size),
+                                data_dir=cfg.get("data_dir") or "runs/tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """How a registered dataset is made: ``make(data_config, image_size) -> builder``."""
+    make: Callable[[Any, int], tfds.core.DatasetBuilder]
+    has_reports: bool
+    build_on_demand: bool  # generated data: built under data_dir when missing
+    localized: bool        # records carry lesion "masks" and "sites" (the pointing game)
+
+
+REGISTRY: dict[str, Entry] = {
+    "synthetic_cxr": Entry(_synthetic, has_reports=True, build_on_demand=True, localized=True),
+    "mimic_cxr": Entry(_mimic, has_reports=True, build_on_demand=False, localized=False),
+    "chexpert_cxr": Entry(_chexpert, has_reports=False, build_on_demand=False, localized=False),
+}
+ALIASES = {"synthetic": "synthetic_cxr"}  # the name older configs used
+
+
+def canonical_name(name: str | None) -> str:
+    """The registered name of ``name`` (None -> the default); unknown names list the known ones."""
+    name = ALIASES.get(name or DEFAULT, name or DEFAULT)
+    if name not in REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; registered datasets: "
+                         f"{', '.join(sorted(REGISTRY))}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A prepared dataset: its builder and what every stage needs to know about it."""
+    name: str
+    builder: tfds.core.DatasetBuilder
+    entry: Entry
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self.builder.info.splits.keys())
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.builder.info.metadata["class_names"])
+
+    @property
+    def has_reports(self) -> bool:
+        return self.entry.has_reports
+
+    @property
+    def localized(self) -> bool:
+        return self.entry.localized
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.builder.info.features["image"].shape)
+
+    def source(self, split: str):
+        """Random-access source of ``split``; an absent split names the splits that exist."""
+        if split not in self.builder.info.splits:
+            raise ValueError(f"split {split!r} is not in {self.name} under "
+                             f"{self.builder.data_dir}; its splits: {', '.join(self.splits)}")
+        return self.builder.as_data_source(split=split)
+
+
+def make_builder(name: str, data_config: Any, image_size: int | None = None):
+    """The (not necessarily prepared) builder of ``name`` for ``data_config``."""
+    name = canonical_name(name)
+    size = int(image_size if image_size is not None else data_config.get("image_size", 64))
+    return REGISTRY[name].make(data_config, size)
+
+
+def open_dataset(data_config: Any, *, image_size: int | None = None) -> Dataset:
+    """The dataset named by ``data_config.name`` under ``data_config.data_dir``, prepared.
+
+    ``synthetic_cxr`` is generated when missing; a real dataset that was never prepared raises
+    with the ``daug-jax data prepare`` command that prepares it.
+    """
+    name = canonical_name(data_config.get("name", None))
+    entry = REGISTRY[name]
+    builder = make_builder(name, data_config, image_size)
+    if not builder.is_prepared():
+        if not entry.build_on_demand:
+            raise FileNotFoundError(
+                f"{name} ({builder.builder_config.name}) is not prepared in {builder._data_dir_root}"
+                f"; run `daug-jax data prepare {name} --manual-dir DIR --data-dir "
+                f"{builder._data_dir_root} --size {builder.builder_config.image_size}` first")
+        builder.download_and_prepare()
+    return Dataset(name, builder, entry)
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+def add_data_args(parser) -> None:
+    """``--data NAME --data-dir DIR``: override the config's ``data.name`` / ``data.data_dir``."""
+    parser.add_argument("--data", metavar="NAME",
+                        help=f"dataset name (default: the config's data.name); one of "
+                             f"{', '.join(sorted(REGISTRY))}")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="TFDS data directory (default: the config's data.data_dir)")
+
+
+def apply_data_args(config: Any, args) -> None:
+    """Writes ``--data`` / ``--data-dir`` into ``config.data`` (checked against the registry)."""
+    if args.data:
+        config.data.name = args.data
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+    config.data.name = canonical_name(config.data.get("name", None))
+
+
+def main(command: str, argv: list[str]) -> int:
+    """``daug-jax data prepare {mimic_cxr,chexpert_cxr} --manual-dir M --data-dir D [--size S]``."""
+    import argparse
+
+    import ml_collections
+
+    manual = sorted(n for n, e in REGISTRY.items() if not e.build_on_demand)
+    parser = argparse.ArgumentParser(
+        prog=f"daug-jax {command}",
+        description="Build a real chest X-ray TFDS dataset (array_record) from a manual download.")
+    parser.add_argument("dataset", choices=manual)
+    parser.add_argument("--manual-dir", required=True,
+                        help="directory holding the downloaded files (see the instructions)")
+    parser.add_argument("--data-dir", default="runs/tfds")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--report-section", default="findings+impression",
+                        choices=["findings", "impression", "findings+impression"],
+                        help="mimic_cxr only")
+    args = parser.parse_args(argv)
+    cfg = ml_collections.ConfigDict(dict(data_dir=args.data_dir,
+                                         report_section=args.report_section))
+    builder = make_builder(args.dataset, cfg, args.size)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+    for split, info in builder.info.splits.items():
+        dropped = builder.info.metadata.get("dropped", {}).get(split, {})
+        print(f"{builder.name}/{builder.builder_config.name} {split}: {info.num_examples} "
+              f"records, dropped {dropped or 'none'}, in {builder.data_dir}")
+    return 0
