@@ -41,12 +41,14 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def run_ablation(configs: dict[str, Any], seeds: Sequence[int], train: dict, test: dict,
-                 out_dir: str, *, history: dict | None = None) -> dict:
+def run_ablation(configs: dict[str, Any], seeds: Sequence[int], train: Any, test: Any,
+                 out_dir: str, *, class_names: Sequence[str], heatmaps: dict | None = None,
+                 history: dict | None = None) -> dict:
     """Trains (or resumes) each variant for each seed, evaluates on ``test``, aggregates.
 
-    configs: variant name -> towers config; train/test: record dicts (with "heatmaps" when a
-    variant fills its channels with them).  Each run lives in ``out_dir/<variant>/seed<k>``, and
+    configs: variant name -> towers config; train/test: random-access splits with their label
+    columns ``class_names``; heatmaps: {"train": ..., "test": ...} heatmap datasets, read by the
+    variants that fill their channels with them.  Each run lives in ``out_dir/<variant>/seed<k>``, and
     its metrics in ``metrics.json`` there, so a rerun skips finished runs.  ``history``, when
     given, receives each run's training log.  Returns {variant: aggregate(...)}.
     """
@@ -60,8 +62,11 @@ def run_ablation(configs: dict[str, Any], seeds: Sequence[int], train: dict, tes
                 run_config = config.copy_and_resolve_references()
                 run_config.train.seed = int(seed)
                 print(f"ablation: {name}, seed {seed}")
-                train_towers(run_config, train, workdir)
-                write_json(done, evaluate_towers(workdir, test))
+                maps = heatmaps or {}
+                train_towers(run_config, train, workdir, class_names=class_names,
+                             heatmaps=maps.get("train"))
+                write_json(done, evaluate_towers(workdir, test, class_names=class_names,
+                                                 heatmaps=maps.get("test")))
             with open(done) as f:
                 runs.append(json.load(f))
             if history is not None:

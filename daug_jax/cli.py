@@ -16,14 +16,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data bench": ("daug_jax.data.show", "Print synthetic generation speed (images/s)."),
     "data build": ("daug_jax.data.builders", "Build a TFDS dataset (array_record) under --data-dir."),
     "data prepare": ("daug_jax.data.registry", "Build MIMIC-CXR-JPG or CheXpert from a manual download."),
-    "train-diffusion": ("daug_jax.diffusion.train", "Train the epsilon-UNet (DDPM) on the synthetic benchmark."),
+    "train-diffusion": ("daug_jax.diffusion.train", "Train the epsilon-UNet (DDPM) on a dataset's training films."),
     "train-classifier": ("daug_jax.diffusion.train", "Train the noise-aware classifier that guides DDIM decoding."),
     "demo": ("daug_jax.demo", "Run DAug end to end on the synthetic benchmark (the 2x2 ablation)."),
     "heatmaps": ("daug_jax.heatmap_job", "Write the DAug heatmap channels of a dataset (guided DDIM translation)."),
     "bench": ("daug_jax.bench", "Measure achieved FLOP/s of the train steps against a dense matmul, images/s, memory."),
     "bench heatmaps": ("daug_jax.heatmap_job", "Time the compiled heatmap program against a Python-dispatched loop."),
     "train": ("daug_jax.train", "Train the image and text towers with the hybrid contrastive loss."),
-    "localize": ("daug_jax.localization", "Pointing game of the heatmaps on synthetic films, with a guidance sweep."),
+    "evaluate": ("daug_jax.evaluate", "Retrieval and classification metrics of trained towers on a dataset split."),
+    "localize": ("daug_jax.localization", "Pointing game of the heatmaps on films with lesion masks, with a guidance sweep."),
 }
 
 

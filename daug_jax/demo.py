@@ -52,10 +52,10 @@ def make_splits(data_config: Any) -> dict[str, dict]:
             for split in ("train", "test")}
 
 
-def make_heatmaps(config: Any, out: str, splits: dict[str, dict]) -> dict[str, dict]:
-    """Writes (or reuses) the heatmap dataset of each split; returns the splits with "heatmaps"."""
+def make_heatmaps(config: Any, out: str, splits: dict[str, dict]) -> dict[str, Any]:
+    """Writes (or reuses) the heatmap dataset of each split; returns {split: HeatmapSource}."""
     from daug_jax.data.pipeline import ArraySource
-    from daug_jax.heatmap_job import attach_heatmaps, calibrate, write_heatmap_dataset
+    from daug_jax.heatmap_job import HeatmapSource, calibrate, write_heatmap_dataset
     from daug_jax.heatmaps import load_models, make_heatmap_fn
 
     h = config.heatmaps
@@ -69,14 +69,21 @@ def make_heatmaps(config: Any, out: str, splits: dict[str, dict]) -> dict[str, d
     calibration = calibrate(heatmap_fn, train_source, directory,
                             num_images=h.calibration.num_images,
                             percentile=h.calibration.percentile, batch_size=h.batch_size)
-    with_heatmaps = {}
+    sources = {}
     for split, data in splits.items():
         split_dir = os.path.join(directory, split)
         write_heatmap_dataset(ArraySource({k: data[k] for k in ("id", "image")}), split_dir,
                               heatmap_fn, calibration["scale_constant"],
                               batch_size=h.batch_size, shard_size=h.shard_size, dtype=h.dtype)
-        with_heatmaps[split] = attach_heatmaps(data, split_dir)
-    return with_heatmaps
+        sources[split] = HeatmapSource(split_dir)
+    return sources
+
+
+def _source(data: dict):
+    """A split of the in-memory benchmark as a source of what the towers read."""
+    from daug_jax.data.pipeline import ArraySource
+
+    return ArraySource({k: data[k] for k in ("image", "labels", "report", "id")})
 
 
 def localize(config: Any, out: str, test: dict) -> dict:
@@ -104,8 +111,10 @@ def localize(config: Any, out: str, test: dict) -> dict:
                    "per_class": r.get("per_class", {})} for mode, r in result.items()}
 
 
-def run_towers(config: Any, out: str, splits: dict[str, dict]) -> tuple[dict, dict]:
+def run_towers(config: Any, out: str, splits: dict[str, dict],
+               heatmaps: dict[str, Any]) -> tuple[dict, dict]:
     """The four ablation variants x seeds; returns (results, training histories)."""
+    from daug_jax.data import synthetic
     from experiments.ablation import VARIANTS, variant_config
 
     configs = {}
@@ -115,8 +124,10 @@ def run_towers(config: Any, out: str, splits: dict[str, dict]) -> tuple[dict, di
         cfg.model.vision.in_channels = 1 + len(config.heatmaps.targets.split(","))
         configs[name] = cfg
     history: dict = {}
-    results = ablation.run_ablation(configs, config.seeds, splits["train"], splits["test"],
-                                    os.path.join(out, "towers"), history=history)
+    results = ablation.run_ablation(configs, config.seeds, _source(splits["train"]),
+                                    _source(splits["test"]), os.path.join(out, "towers"),
+                                    class_names=synthetic.CLASS_NAMES, heatmaps=heatmaps,
+                                    history=history)
     return results, history
 
 
@@ -166,6 +177,8 @@ def write_report(out: str, config: Any, results: dict, localization_result: dict
 
 def run_demo(config: Any) -> dict:
     """Runs (or resumes) every stage; returns the results written to ``<out>/results.json``."""
+    from daug_jax.data import synthetic
+    from daug_jax.data.pipeline import ArraySource
     from daug_jax.diffusion import train as diffusion_train
 
     out = config.out
@@ -186,25 +199,27 @@ def run_demo(config: Any) -> dict:
     dcfg.data.update(image_size=int(config.data.image_size), num_train=int(config.data.num_train),
                      seed=int(config.data.seed))
     with timer.stage("diffusion"):
-        diffusion_train.train_diffusion(dcfg, train["image"], os.path.join(out, "diffusion"))
+        diffusion_train.train_diffusion(dcfg, ArraySource({"image": train["image"]}),
+                                        os.path.join(out, "diffusion"))
     with timer.stage("classifier"):
-        diffusion_train.train_classifier(dcfg, train["image"], train["labels"],
-                                         os.path.join(out, "classifier"))
+        diffusion_train.train_classifier(
+            dcfg, ArraySource({"image": train["image"], "labels": train["labels"]}),
+            os.path.join(out, "classifier"), class_names=synthetic.CLASS_NAMES)
     with timer.stage("heatmaps"):
-        splits = make_heatmaps(config, out, splits)
+        heatmaps = make_heatmaps(config, out, splits)
     loc_path = os.path.join(out, "localization.json")
     with timer.stage("localization"):
         if not os.path.exists(loc_path):
             write_json(loc_path, localize(config, out, splits["test"]))
     localization_result = read_json(loc_path)
     with timer.stage("towers"):
-        results, history = run_towers(config, out, splits)
+        results, history = run_towers(config, out, splits, heatmaps)
     with timer.stage("report"):
         from daug_jax import figures
 
         figures.retrieval_example(os.path.join(out, "retrieval_example.png"),
                                   os.path.join(out, "towers", "daug_hybrid", f"seed{config.seeds[0]}"),
-                                  splits["test"])
+                                  splits["test"], heatmaps=heatmaps["test"])
         payload = write_report(out, config, results, localization_result, timer.seconds, history)
     payload["timing_s"] = timer.seconds
     write_json(os.path.join(out, "results.json"), payload)

@@ -1,67 +1,81 @@
-"""Evaluation of trained towers: retrieval (image<->report, image->image) and zero-shot
-classification from the class-prompt embeddings, on records that carry their labels.
+"""Evaluation of trained towers on any prepared dataset: retrieval (image<->report, image->image)
+and zero-shot classification from the class-prompt embeddings, embedded in streamed chunks.
 
-    metrics = evaluate_towers("runs/towers", synthetic.generate(500, image_size=32, seed=2))
+    daug-jax evaluate --towers runs/towers --data mimic_cxr --data-dir runs/tfds --out eval.json
+
+Only the embeddings ([N, D] per tower) are held, never the films of a split.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import os
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from daug_jax import metrics
+from daug_jax.data.pipeline import ordered_batches, pad_rows
 from daug_jax.models import text as text_lib
 from daug_jax.models.two_tower import TwoTower, class_prompts
-from daug_jax.train import load_towers, prepare_data
+from daug_jax.train import load_towers, make_reader, tower_batch
 
 _BATCH = 256  # records encoded per call; the last chunk is padded to keep one compiled shape
 
 
-def _chunked(fn, *arrays: np.ndarray) -> np.ndarray:
-    """Applies ``fn`` to fixed-size chunks of the leading axis and concatenates the results."""
-    n, out = len(arrays[0]), []
-    for start in range(0, n, _BATCH):
-        parts = [a[start:start + _BATCH] for a in arrays]
-        rows = len(parts[0])
-        parts = [np.concatenate([p, np.repeat(p[-1:], _BATCH - rows, axis=0)]) for p in parts]
-        out.append(np.asarray(jax.device_get(fn(*parts)))[:rows])
-    return np.concatenate(out)
+def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source: Any, *,
+          class_names: Sequence[str], heatmaps: Any = None, reports: bool = True,
+          progress: bool = False) -> dict:
+    """Unit-norm embeddings of ``source``'s images, reports and the class prompts.
 
-
-def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, data: dict) -> dict:
-    """Unit-norm embeddings of ``data``'s images, reports and the class prompts.
-
-    data: like `synthetic.generate` output (+ "heatmaps" [N, H, W, K] for DAug towers).
-    Returns {"image_emb" [N, D], "text_emb" [N, D], "class_emb" [C, D], "labels" / "label_mask"
-    [N, C] float32 (C = config.model.class_names), "logit_scale", "class_scale", "class_bias"}.
+    source: a random-access split (records as for `train_towers`); class_names: its label
+    columns; heatmaps: its heatmap dataset for DAug towers; reports: embed the reports (False for
+    datasets without any).  Returns {"image_emb" [N, D], "text_emb" [N, D] or None, "class_emb"
+    [C, D], "labels" / "label_mask" [N, C] float32 (C = config.model.class_names), "id" [N],
+    "logit_scale", "class_scale", "class_bias"}.
     """
-    arrays, reports = prepare_data(config, data)
-    images, length = arrays["image"], int(config.model.text.max_length)
+    reader = make_reader(config, source, class_names, heatmaps, reports=reports)
     # The variables are an argument, not a constant of the programs: towers of the same shape
     # (the variants of an ablation) share the compiled encoders.
     image_fn = jax.jit(lambda v, x: model.apply(v, x, method=TwoTower.encode_image))
     text_fn = jax.jit(lambda v, i, m: model.apply(v, i, m, method=TwoTower.encode_text))
-    encode_image = lambda x: image_fn(variables, x)  # noqa: E731
-    encode_text = lambda i, m: text_fn(variables, i, m)  # noqa: E731
-    ids, mask = text_lib.tokenize(tokenizer, reports, length)
+    out = {k: [] for k in ("image_emb", "text_emb", "labels", "label_mask", "id")}
+    chunks = ordered_batches(reader, _BATCH)
+    for _, batch in tqdm(chunks, total=-(-len(source) // _BATCH), desc="embed", unit="chunk",
+                         disable=not progress):
+        arrays, rows = tower_batch(config, tokenizer, batch), len(batch["id"])
+        pad = {k: pad_rows(v, _BATCH) for k, v in arrays.items()}
+        out["image_emb"].append(np.asarray(image_fn(variables, pad["image"]))[:rows])
+        if reports:
+            out["text_emb"].append(np.asarray(
+                text_fn(variables, pad["input_ids"], pad["attention_mask"]))[:rows])
+        for key in ("labels", "label_mask"):
+            out[key].append(arrays[key])
+        out["id"].append(batch["id"])
+    length = int(config.model.text.max_length)
     cls_ids, cls_mask = text_lib.tokenize(
         tokenizer, class_prompts(list(config.model.class_names)), length)
     scalars = jax.device_get(model.apply(variables, method=TwoTower.scalars))
-    return {"image_emb": _chunked(encode_image, images),
-            "text_emb": _chunked(encode_text, ids, mask),
-            "class_emb": np.asarray(encode_text(cls_ids, cls_mask)),
-            "labels": np.asarray(arrays["labels"]), "label_mask": np.asarray(arrays["label_mask"]),
+    emb = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
+    return {**emb, "class_emb": np.asarray(text_fn(variables, cls_ids, cls_mask)),
             **{k: float(v) for k, v in scalars.items()}}
 
 
-def evaluate_embeddings(emb: dict, raw_labels: np.ndarray, class_names: list[str]) -> dict:
+def evaluate_embeddings(emb: dict, class_names: list[str]) -> dict:
     """Retrieval and zero-shot classification metrics of `embed` output.
 
-    raw_labels: [N, C] in {-1, 0, 1}; image->image relevance is sharing a positive (1) class.
+    Image->image relevance is sharing a positive class; without reports only image->image
+    retrieval and classification are scored.
     """
-    out = metrics.retrieval_metrics(emb["image_emb"], emb["text_emb"], raw_labels)
+    positives = emb["labels"]  # 1 = positive (masked and negative entries are 0)
+    if emb["text_emb"] is not None:
+        out = metrics.retrieval_metrics(emb["image_emb"], emb["text_emb"], positives)
+    else:
+        img = emb["image_emb"]
+        out = {"i2i_P@10": metrics.precision_at_k(img @ img.T, positives, positives, 10,
+                                                  exclude_self=True)}
     scores = metrics.zero_shot_scores(emb["image_emb"], emb["class_emb"], emb["class_scale"],
                                       emb["class_bias"])
     out.update(metrics.classification_metrics(scores, emb["labels"], emb["label_mask"],
@@ -69,14 +83,50 @@ def evaluate_embeddings(emb: dict, raw_labels: np.ndarray, class_names: list[str
     return out
 
 
-def evaluate_towers(workdir: str, data: dict) -> dict:
-    """Loads the latest checkpoint in ``workdir`` and evaluates it on ``data`` (see module doc).
+def evaluate_towers(workdir: str, source: Any, *, class_names: Sequence[str],
+                    heatmaps: Any = None, reports: bool = True, progress: bool = False) -> dict:
+    """Loads the latest checkpoint in ``workdir`` and evaluates it on ``source`` (see `embed`).
 
-    Returns {"macro_auroc", "per_class_auroc": {class: auroc or None}, "i2t_R@1", "i2t_R@5",
-    "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "i2i_P@10"}.
+    Returns {"macro_auroc", "per_class_auroc": {class: auroc or None}, "i2i_P@10", and with
+    reports "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"}.
     """
     model, variables, tokenizer, config = load_towers(workdir)
-    emb = embed(model, variables, tokenizer, config, data)
-    names = list(config.model.class_names)
-    columns = [list(data.get("class_names", names)).index(n) for n in names]
-    return evaluate_embeddings(emb, np.asarray(data["labels"])[:, columns], names)
+    emb = embed(model, variables, tokenizer, config, source, class_names=class_names,
+                heatmaps=heatmaps, reports=reports, progress=progress)
+    return evaluate_embeddings(emb, list(config.model.class_names))
+
+
+def main(command: str, argv: list[str]) -> int:
+    """``daug-jax evaluate --towers WORKDIR [--data NAME --data-dir DIR] --out FILE.json``."""
+    from daug_jax import parallel
+    from daug_jax.config import apply_overrides
+    from daug_jax.data import registry
+    from daug_jax.files import write_json
+    from daug_jax.train import open_heatmaps
+
+    parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--towers", required=True, help="workdir of `daug-jax train`")
+    registry.add_data_args(parser)
+    parser.add_argument("--query-split", default="test", help="split whose films are scored")
+    parser.add_argument("--out", required=True, help="where the metrics go (JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the towers' saved config, e.g. "
+                             "data.heatmaps_dir=runs/heatmaps")
+    args = parser.parse_args(argv)
+    parallel.maybe_initialize_distributed()
+    _, _, _, config = load_towers(args.towers)
+    apply_overrides(config, args.set)
+    registry.apply_data_args(config, args)
+    dataset = registry.open_dataset(config.data)
+    source = dataset.source(args.query_split)
+    heatmaps = open_heatmaps(config, source, args.query_split)
+    result = evaluate_towers(args.towers, source, class_names=dataset.class_names,
+                             heatmaps=heatmaps, reports=dataset.has_reports, progress=True)
+    result = {"dataset": dataset.name, "split": args.query_split, "num_films": len(source),
+              "towers": os.path.abspath(args.towers), **result}
+    write_json(args.out, result)
+    shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
+    print(f"evaluate: {dataset.name} {args.query_split} ({len(source)} films): {shown}; "
+          f"all metrics in {args.out}")
+    return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import textwrap
 
 import numpy as np
@@ -41,13 +43,21 @@ def training_curves(path: str, history: dict[str, list[list[dict]]]) -> None:
 
 
 def retrieval_example(path: str, workdir: str, test: dict, num_queries: int = 3,
-                      top_k: int = 4) -> None:
-    """For a few test films: the query, its top-k most similar films and the top report."""
+                      top_k: int = 4, *, heatmaps: Any = None) -> None:
+    """For a few test films: the query, its top-k most similar films and the top report.
+
+    test: the (small, in-memory) test films as arrays with "image", "labels", "report", "id";
+    heatmaps: their heatmap dataset, for DAug towers.
+    """
+    from daug_jax.data.pipeline import ArraySource
+    from daug_jax.data.synthetic import CLASS_NAMES
     from daug_jax.evaluate import embed
     from daug_jax.train import load_towers
 
     model, variables, tokenizer, config = load_towers(workdir)
-    emb = embed(model, variables, tokenizer, config, test)
+    source = ArraySource({k: test[k] for k in ("image", "labels", "report", "id")})
+    emb = embed(model, variables, tokenizer, config, source, class_names=CLASS_NAMES,
+                heatmaps=heatmaps)
     img, txt = emb["image_emb"], emb["text_emb"]
     names = list(config.model.class_names)
     labels = np.asarray(test["labels"])
@@ -76,6 +86,6 @@ def retrieval_example(path: str, workdir: str, test: dict, num_queries: int = 3,
         axes[row, -1].text(0, 1, f"top report ({verdict}):\n" + textwrap.fill(
             str(test["report"][best]), 48), fontsize=6, va="top", family="monospace")
         axes[row, -1].axis("off")
-    fig.suptitle(f"Retrieval with the {config.model.vision.fill} / class_weight="
-                 f"{config.train.class_weight} towers (test films)", fontsize=9)
+    fig.suptitle(f"Retrieval with the {config.model.vision.fill} / clip_weight="
+                 f"{config.train.clip_weight} towers (test films)", fontsize=9)
     save_figure(fig, path, bbox_inches="tight")

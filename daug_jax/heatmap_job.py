@@ -65,7 +65,8 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
     (uint8 = round(255 * channel), or float16), stored in array_record shards of ``shard_size``
     records.  Each shard is written under a temporary name and renamed once complete, so a rerun
     after an interruption redoes only the shards that are not there and the result has exactly one
-    record per source id.  ``metadata.json`` holds the scale constant, the targets and the DDIM
+    record per source id.  With several processes (``jax.process_count()``), process p writes
+    shards p, p + P, ...; a killed process's shards are completed by the rerun.  ``metadata.json`` holds the scale constant, the targets and the DDIM
     settings; a rerun with different settings is refused rather than mixed in.
     """
     if dtype not in ("uint8", "float16"):
@@ -90,15 +91,18 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
             raise ValueError(f"{out_dir} holds heatmaps made with other settings "
                              f"({', '.join(diff)}: {[old.get(k) for k in diff]} vs "
                              f"{[meta.get(k) for k in diff]}); use another output directory")
-    write_json(meta_path, meta)
-    for name in os.listdir(out_dir):          # leftovers of an interrupted shard
-        if name.startswith("heatmaps-") and name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))
+    write_json(meta_path, meta)  # every process writes the same bytes (atomic rename)
+    # Process p of P owns shards p, p + P, ...: each writes its own files, none waits for another.
+    mine = range(jax.process_index(), num_shards, jax.process_count())
+    for k in mine:                            # leftovers of this process's interrupted shards
+        tmp = os.path.join(out_dir, meta["shards"][k] + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
     def rows(k):
         return range(k * shard_size, min(n, (k + 1) * shard_size))
 
-    todo = [k for k in range(num_shards)
+    todo = [k for k in mine
             if _num_records(os.path.join(out_dir, meta["shards"][k])) != len(rows(k))]
     bar = tqdm(total=sum(len(rows(k)) for k in todo), desc=f"heatmaps {os.path.basename(out_dir)}",
                unit="img")
@@ -111,10 +115,8 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
                 batch = pipeline.read(source, index)
                 if "id" not in batch:
                     raise ValueError(f"source records need an 'id' field, got {sorted(batch)}")
-                x = to_model_space(batch["image"])
-                # Pad a shard's last batch to the compiled batch size (rows are independent).
-                x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), axis=0)])
-                _, raw = heatmap_fn(x)
+                # A shard's last batch is padded to the compiled batch size.
+                _, raw = heatmap_fn(pipeline.pad_rows(to_model_space(batch["image"]), batch_size))
                 heat = scale_heatmaps(jax.device_get(raw)[:len(index)], scale_constant)
                 heat = (np.round(heat * 255).astype(np.uint8) if dtype == "uint8"
                         else heat.astype(np.float16))
@@ -159,6 +161,32 @@ class HeatmapSource:
     def __len__(self) -> int:
         return len(self._records)
 
+    def check_matches(self, source: Any, channels: int, samples: int = 64) -> None:
+        """Raises, naming the shapes or the id, unless these heatmaps belong to ``source``.
+
+        Checks the record count, the image size and the channel count (``channels`` heatmaps
+        expected) from the metadata, and the ids of ``samples`` records spread over the split
+        (every batch read later checks its own ids too).
+        """
+        where = self.metadata.get("split", "?")
+        if len(self) != len(source):
+            raise ValueError(f"the heatmap dataset ({where}) has {len(self)} records, the image "
+                             f"split {len(source)}: it was made from another split or dataset")
+        targets = self.metadata.get("targets", [])
+        if len(targets) != channels:
+            raise ValueError(f"the heatmap dataset has {len(targets)} channel(s) {targets}, the "
+                             f"towers expect {channels} (model.vision.in_channels - 1)")
+        stored = self.metadata.get("image_shape")
+        first = source[0]
+        if stored is not None and list(np.shape(first["image"])[:2]) != list(stored[:2]):
+            raise ValueError(f"the heatmaps are {stored[0]}x{stored[1]}, the images "
+                             f"{'x'.join(map(str, np.shape(first['image'])[:2]))}")
+        for i in sorted({int(i) for i in np.linspace(0, len(source) - 1, samples)}):
+            want, got = pipeline.read(source, [i])["id"][0], self[i]["id"]
+            if str(want) != str(got):
+                raise ValueError(f"image record {i} has id {str(want)!r}, its heatmap record id "
+                                 f"{str(got)!r}: the heatmaps were made from another split")
+
     def _decode(self, raw: bytes) -> dict:
         record = serialization.msgpack_restore(raw)
         heat = record["heatmaps"]
@@ -173,22 +201,6 @@ class HeatmapSource:
         return [self._decode(r) for r in self._records.__getitems__([int(i) for i in indices])]
 
 
-def attach_heatmaps(data: dict, directory: str) -> dict:
-    """``data`` (a dict of arrays with "id", like `synthetic.generate` output) plus "heatmaps"
-    [N, H, W, K] float32 from a heatmap dataset, matched by id (a TFDS split may store the
-    records in another order than ``data`` has them).
-    """
-    source = HeatmapSource(directory)
-    records = source.__getitems__(range(len(source)))
-    by_id = {r["id"]: r["heatmaps"] for r in records}
-    ids = [str(i) for i in np.asarray(data["id"])]
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(ids)} records have no heatmap in {directory}, "
-                         f"e.g. id {missing[0]!r} (heatmaps made from another split?)")
-    return {**data, "heatmaps": np.stack([by_id[i] for i in ids])}
-
-
 # ----------------------------------------------------------------------------- calibration
 def raw_heatmaps_of(heatmap_fn: HeatmapFn, source: Any, indices: Sequence[int],
                     batch_size: int) -> np.ndarray:
@@ -196,8 +208,7 @@ def raw_heatmaps_of(heatmap_fn: HeatmapFn, source: Any, indices: Sequence[int],
     out = []
     for start in tqdm(range(0, len(indices), batch_size), desc="calibration", unit="batch"):
         index = np.asarray(indices[start:start + batch_size])
-        x = to_model_space(pipeline.read(source, index)["image"])
-        x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), axis=0)])
+        x = pipeline.pad_rows(to_model_space(pipeline.read(source, index)["image"]), batch_size)
         out.append(jax.device_get(heatmap_fn(x)[1])[:len(index)])
     return np.concatenate(out)
 
@@ -225,22 +236,10 @@ def calibrate(heatmap_fn: HeatmapFn, source: Any, out_dir: str, *, num_images: i
 
 
 # ----------------------------------------------------------------------------- CLI
-def _open_split(args, split: str, image_size: int):
-    """A random-access split: a prepared TFDS dataset directory, or the synthetic benchmark."""
-    if args.dataset_dir:
-        import tensorflow_datasets as tfds
-
-        return tfds.builder_from_directory(args.dataset_dir).as_data_source(split=split)
-    from daug_jax.data import builders
-
-    config = builders.SyntheticCxrConfig(
-        image_size=image_size, num_train=args.num_train, num_validation=args.num_validation,
-        num_test=args.num_test, seed=args.seed)
-    return builders.load_split(split, data_dir=args.data_dir, config=config)
-
-
 def _run(argv: list[str]) -> int:
+    from daug_jax import parallel
     from daug_jax.config import load_config
+    from daug_jax.data import registry
 
     parser = argparse.ArgumentParser(prog="daug-jax heatmaps", description=__doc__.splitlines()[0])
     parser.add_argument("--diffusion", default="runs/diffusion", help="diffusion workdir")
@@ -250,35 +249,32 @@ def _run(argv: list[str]) -> int:
     parser.add_argument("--config", default="heatmaps", help="experiments/<name>.py or a .py path")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--splits", default="train,validation,test")
-    parser.add_argument("--dataset-dir", help="a prepared TFDS dataset directory (default: the "
-                        "synthetic benchmark, built under --data-dir if needed)")
-    parser.add_argument("--data-dir", default="runs/tfds")
-    parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-validation", type=int, default=500)
-    parser.add_argument("--num-test", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    registry.add_data_args(parser)
     args = parser.parse_args(argv)
+    parallel.maybe_initialize_distributed()
     config = load_config(args.config, args.set)
+    registry.apply_data_args(config, args)
+    h = config.heatmaps
     models = load_models(args.diffusion, args.classifier)
     heatmap_fn = make_heatmap_fn(
-        models.eps_fn, models.logit_fn, models.alpha_bar, args.targets or config.targets,
-        models.class_names, level=config.level, num_steps=config.num_steps, scale=config.scale,
-        smooth_sigma=config.smooth_sigma, image_shape=models.image_shape)
+        models.eps_fn, models.logit_fn, models.alpha_bar, args.targets or h.targets,
+        models.class_names, level=h.level, num_steps=h.num_steps, scale=h.scale,
+        smooth_sigma=h.smooth_sigma, image_shape=models.image_shape)
+    dataset = registry.open_dataset(config.data, image_size=models.image_shape[0])
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    sources = {s: _open_split(args, s, models.image_shape[0]) for s in splits}
+    sources = {s: dataset.source(s) for s in splits}
     calibration = calibrate(heatmap_fn, sources[splits[0]], args.out,
-                               num_images=config.calibration.num_images,
-                               percentile=config.calibration.percentile,
-                               batch_size=config.batch_size)
+                            num_images=h.calibration.num_images,
+                            percentile=h.calibration.percentile, batch_size=h.batch_size)
     scale_constant = calibration["scale_constant"]
-    print(f"heatmaps: targets {[t.spec for t in heatmap_fn.targets]}, scale constant "
-          f"{scale_constant:.4g} (raw |x_c - x0| at the {config.calibration.percentile}th "
-          f"percentile)")
+    print(f"heatmaps: {dataset.name}, targets {[t.spec for t in heatmap_fn.targets]}, scale "
+          f"constant {scale_constant:.4g} (raw |x_c - x0| at the {h.calibration.percentile}th "
+          f"percentile), process {jax.process_index() + 1} of {jax.process_count()}")
     for split, source in sources.items():
         meta = write_heatmap_dataset(
             source, os.path.join(args.out, split), heatmap_fn, scale_constant,
-            batch_size=config.batch_size, shard_size=config.shard_size, dtype=config.dtype,
-            extra_metadata={"split": split, "calibration": calibration})
+            batch_size=h.batch_size, shard_size=h.shard_size, dtype=h.dtype,
+            extra_metadata={"split": split, "dataset": dataset.name, "calibration": calibration})
         print(f"heatmaps {split}: {meta['num_records']} records in {len(meta['shards'])} shards "
               f"under {os.path.join(args.out, split)}")
     return 0

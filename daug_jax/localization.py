@@ -197,7 +197,7 @@ def plot_sweep(path: str, sweep: dict) -> None:
 # ----------------------------------------------------------------------------- CLI
 def main(command: str, argv: list[str]) -> int:
     from daug_jax.config import load_config
-    from daug_jax.data import builders, synthetic
+    from daug_jax.data import pipeline, registry, synthetic
     from daug_jax.heatmaps import load_models
 
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
@@ -209,40 +209,47 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--scale", type=float, help="guidance scale of the main result (config)")
     parser.add_argument("--sweep", help="comma-separated guidance scales (config)")
-    parser.add_argument("--seed", type=int, help="synthetic seed of the films (default: the test "
-                        "split of the diffusion model's benchmark, never seen in training)")
+    parser.add_argument("--split", default="test", help="split whose films are scored")
+    registry.add_data_args(parser)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
-    loc = config.localization
+    registry.apply_data_args(config, args)
+    h = config.heatmaps
+    loc = h.localization
     models = load_models(args.diffusion, args.classifier)
-    scale = config.scale if args.scale is None else args.scale
+    scale = h.scale if args.scale is None else args.scale
     sweep = ([float(s) for s in args.sweep.split(",")] if args.sweep
              else [float(s) for s in loc.sweep_scales])
     scales = sorted(set(sweep) | {float(scale)})
-    seed = args.seed
-    if seed is None:
-        data_seed = int(models.config.get("data", {}).get("seed", 0))
-        seed = builders.SyntheticCxrConfig(seed=data_seed).split_seed("test")
+    dataset = registry.open_dataset(config.data, image_size=models.image_shape[0])
+    if not dataset.localized:
+        raise ValueError(f"{dataset.name} has no lesion masks or sites to score the pointing "
+                         f"game against (datasets with them: "
+                         f"{', '.join(n for n, e in registry.REGISTRY.items() if e.localized)})")
+    source = dataset.source(args.split)
+    seed = int(config.data.get("seed", 0))
+    # A bounded pool of the split (not the whole split) is read to pick the cases from.
+    data = pipeline.read(source, range(min(int(loc.pool_size), len(source))))
+    data["image"] = pipeline.to_unit_float(data["image"])
     size = models.image_shape[0]
-    data = synthetic.generate(loc.pool_size, image_size=size, seed=seed)
     classes = [c for c in synthetic.LOCALIZED_CLASSES if c in models.class_names]
-    cases = select_cases(data["labels"], data["masks"], data["sites"], synthetic.CLASS_NAMES,
+    cases = select_cases(data["labels"], data["masks"], data["sites"], list(dataset.class_names),
                          classes, loc.cases_per_class, seed)
     images = data["image"] * 2.0 - 1.0
-    out = translate_cases(models, images, cases, scales=scales, level=config.level,
-                          num_steps=config.num_steps, smooth_sigma=config.smooth_sigma,
-                          batch_size=loc.batch_size, data_classes=synthetic.CLASS_NAMES)
-    results = {s: score(out[s], cases, synthetic.CLASS_NAMES) for s in scales}
-    settings = {"guidance_scale": float(scale), "level": config.level,
-                "num_steps": config.num_steps, "smooth_sigma": config.smooth_sigma,
-                "image_size": size, "seed": seed, "pool_size": loc.pool_size,
+    out = translate_cases(models, images, cases, scales=scales, level=h.level,
+                          num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
+                          batch_size=loc.batch_size, data_classes=list(dataset.class_names))
+    results = {s: score(out[s], cases, list(dataset.class_names)) for s in scales}
+    settings = {"guidance_scale": float(scale), "level": h.level,
+                "num_steps": h.num_steps, "smooth_sigma": h.smooth_sigma, "dataset": dataset.name,
+                "split": args.split, "image_size": size, "seed": seed, "pool_size": loc.pool_size,
                 "cases_per_class": loc.cases_per_class, "diffusion": args.diffusion,
                 "classifier": args.classifier}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "localization.json"),
                {**results[float(scale)], "settings": settings})
     plot_examples(os.path.join(args.out, "localization.png"), images, cases, out[float(scale)],
-                  synthetic.CLASS_NAMES, loc.examples_per_class)
+                  list(dataset.class_names), loc.examples_per_class)
     write_json(os.path.join(args.out, "guidance_sweep.json"),
                {"settings": settings, "scales": {str(s): results[s] for s in sweep}})
     plot_sweep(os.path.join(args.out, "guidance_sweep.png"),

@@ -21,7 +21,9 @@ may have several findings; uncertain or missing labels (mask 0) contribute neith
 gradient.  Unlike the CLIP term it needs no negatives from the batch: a class prompt is a fixed
 target, which is why the class prompts become a ready-made linear classifier at inference.
 
-**Hybrid.**  ``L = L_it + λ · L_ic`` with λ = ``class_weight`` (λ = 0 is the plain CLIP baseline).
+**Hybrid.**  ``L = w · L_it + (1 − w) · L_ic`` with w = ``clip_weight`` (the paper's
+parameterisation): w = 1 is the plain CLIP baseline, w = 0 trains the class term alone (datasets
+without reports, and the paper's classification baseline).
 
 Every function is pure and safe under ``jax.jit`` and ``jax.grad``; inputs of any float dtype
 (e.g. bfloat16 activations) are cast to float32 at the boundary, because a softmax over a batch
@@ -33,6 +35,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 LABEL_POLICIES = ("ignore", "ones", "zeros")
@@ -100,19 +103,20 @@ def class_sigmoid_loss(image_emb, class_emb, labels, mask, scale, bias) -> jax.A
 
 
 def hybrid_contrastive_loss(image_emb, text_emb, class_emb, labels, mask, *, logit_scale,
-                            class_scale, class_bias, class_weight):
-    """Image-Text-Class hybrid loss  L = L_it + λ · L_ic  (see the module docstring).
+                            class_scale, class_bias, clip_weight):
+    """Image-Text-Class hybrid loss  L = w · L_it + (1 − w) · L_ic  (see the module docstring).
 
     image_emb: [B, D], text_emb: [B, D], class_emb: [C, D], all L2-normalised.
     labels, mask: [B, C] float (see `labels_and_mask`).
     logit_scale: τ of the CLIP term; class_scale, class_bias: a, b of the class term;
-    class_weight: λ (0 gives the CLIP-only baseline, the class term is still reported).
+    clip_weight: w in [0, 1] (1: CLIP only, 0: class term only; both terms are always reported).
     Returns (loss, aux) with loss a float32 scalar and
     aux = {"image_text": L_it, "image_class": L_ic} (float32 scalars, for logging).
     """
     image_text = clip_loss(image_emb, text_emb, logit_scale)
     image_class = class_sigmoid_loss(image_emb, class_emb, labels, mask, class_scale, class_bias)
-    loss = image_text + _f32(class_weight) * image_class
+    w = _f32(clip_weight)
+    loss = w * image_text + (1.0 - w) * image_class
     return loss, {"image_text": image_text, "image_class": image_class}
 
 
@@ -132,12 +136,15 @@ def labels_and_mask(raw, policy: str = "ignore", missing=None):
     """
     if policy not in LABEL_POLICIES:
         raise ValueError(f"unknown label policy {policy!r}; valid policies: {', '.join(LABEL_POLICIES)}")
-    raw = jnp.asarray(raw)
+    # NumPy in, NumPy out: the input pipeline calls this on the host (in its worker threads),
+    # where placing arrays on an accelerator would be wasted transfers.
+    xp = np if isinstance(raw, np.ndarray) and not isinstance(missing, jax.Array) else jnp
+    raw = xp.asarray(raw)
     chex.assert_rank(raw, 2, custom_message="raw labels must be [B, C]")
-    raw = raw.astype(jnp.float32)
-    is_missing = jnp.isnan(raw)
+    raw = raw.astype(xp.float32)
+    is_missing = xp.isnan(raw)
     if missing is not None:
-        missing = jnp.asarray(missing)
+        missing = xp.asarray(missing)
         chex.assert_shape(missing, raw.shape, custom_message=f"missing must match raw {raw.shape}")
         is_missing = is_missing | missing.astype(bool)
     _check_label_values(raw, is_missing)
@@ -154,7 +161,7 @@ def labels_and_mask(raw, policy: str = "ignore", missing=None):
         labels = positive
         mask = ~(is_missing | uncertain)
     labels = labels & mask
-    return labels.astype(jnp.float32), mask.astype(jnp.float32)
+    return labels.astype(xp.float32), mask.astype(xp.float32)
 
 
 def _check_label_values(raw: jax.Array, is_missing: jax.Array) -> None:
@@ -163,7 +170,7 @@ def _check_label_values(raw: jax.Array, is_missing: jax.Array) -> None:
         return
     bad = ~is_missing & (raw != -1) & (raw != 0) & (raw != 1)
     if bool(bad.any()):
-        row, col = (int(i) for i in jnp.argwhere(bad)[0])
+        row, col = (int(i) for i in np.argwhere(np.asarray(bad))[0])
         raise ValueError(
             f"label at [{row}, {col}] is {float(raw[row, col])}; expected -1 (uncertain), "
             f"0, 1 or NaN (missing)")

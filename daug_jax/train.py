@@ -7,12 +7,13 @@ split over the mesh's "data" axis, the state donated.  Batches are a pure functi
 and PRNG keys are folded from the step, so a run killed and restarted with the same command
 resumes from its latest checkpoint and ends with the parameters of an uninterrupted run.
 
-Input data (`train_towers`) is a dict like `synthetic.generate` output: image [N, H, W, 1] float32
-in [0, 1], report str [N], labels int8 [N, C] in {-1, 0, 1}, id str [N]; optionally missing bool
-[N, C] (labels never mentioned), heatmaps [N, H, W, K] in [0, 1] (the DAug channels) and
-class_names (the C label columns; default the synthetic benchmark's).  The encoder input is the
-image plus ``in_channels - 1`` extra channels, filled per ``model.vision.fill``: "repeat" (the
-image again: the baseline) or "heatmaps".
+Input (`train_towers`): a random-access split of any registered dataset (`data.registry`),
+streamed through `data.pipeline` — image [H, W, 1], labels [C] in {-1, 0, 1} (+ missing), report,
+id per record — and, for DAug towers, the heatmap dataset of that split joined by index and id.
+The encoder input is the image plus ``in_channels - 1`` extra channels, filled per
+``model.vision.fill``: "repeat" (the image again: the baseline) or "heatmaps".  The loss is
+``w · L_image-text + (1 − w) · L_image-class`` with w = ``train.clip_weight``; with w = 0 the
+towers train on class labels alone and need no reports (CheXpert, NIH).
 
 Workdir: checkpoints/ (orbax), tokenizer/ (trained from scratch), config.json, metrics.jsonl
 (one line per logging interval: the mean of each metric over the interval).
@@ -25,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import flax
 import jax
@@ -38,11 +39,15 @@ from tqdm import tqdm
 from daug_jax import files, parallel
 from daug_jax.checkpoint import Checkpointer
 from daug_jax.data import synthetic
-from daug_jax.data.pipeline import ArraySource, Loader
-from daug_jax.losses import hybrid_contrastive_loss, labels_and_mask
+from daug_jax.data.pipeline import BatchReader, ordered_batches, train_batches
+from daug_jax.losses import hybrid_contrastive_loss
 from daug_jax.models import text as text_lib
 from daug_jax.models.two_tower import (  # noqa: F401  (assemble_images, bert_config: re-exported)
     TwoTower, assemble_images, bert_config, build_two_tower, class_prompts)
+
+# The text of every row when the image-report term is off (class-only towers, datasets without
+# reports): the CLIP term then has weight 0 and its input is a fixed, harmless placeholder.
+NO_REPORT = "no report"
 
 
 @flax.struct.dataclass
@@ -66,66 +71,68 @@ def class_columns(names: Sequence[str], valid: Sequence[str]) -> list[int]:
     return [valid.index(n) for n in names]
 
 
-def class_names_of(config: ml_collections.ConfigDict, data: dict | None = None) -> list[str]:
+def class_names_of(config: ml_collections.ConfigDict, data_classes: Sequence[str]) -> list[str]:
     """The classes of the image-class term: ``model.class_names``, else every label column."""
     names = config.model.get("class_names", None)
-    if names is None:
-        names = (data or {}).get("class_names", synthetic.CLASS_NAMES)
-    return [str(n) for n in names]
+    return [str(n) for n in (data_classes if names is None else names)]
 
 
-def check_reports(data: dict) -> list[str]:
-    """The reports as a list, after checking that none is empty (the record is named)."""
-    if "report" not in data:
-        raise ValueError(f'data has no "report" field (fields: {sorted(data)})')
-    ids = data.get("id")
-    reports = [str(r) for r in np.asarray(data["report"]).reshape(-1)]
-    for i, report in enumerate(reports):
-        if not report.strip():
-            name = f" (id {str(ids[i])!r})" if ids is not None else ""
-            raise ValueError(f"record {i}{name} has an empty report")
-    return reports
+def uses_reports(config: ml_collections.ConfigDict) -> bool:
+    """Whether the image-report term is trained: ``train.clip_weight`` > 0."""
+    w = float(config.train.clip_weight)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"train.clip_weight must be in [0, 1], got {w}")
+    return w > 0.0
 
 
-def prepare_data(config: ml_collections.ConfigDict, data: dict) -> tuple[dict, list[str]]:
-    """Validates ``data`` and turns it into the arrays of a training batch (all [N, ...]).
+def make_reader(config: ml_collections.ConfigDict, source: Any, data_classes: Sequence[str],
+                heatmaps: Any = None, reports: bool | None = None) -> BatchReader:
+    """The streamed batches of ``source`` for the towers: images (+ heatmap channels when
+    ``model.vision.fill`` is "heatmaps"), the ``model.class_names`` labels and mask, and the
+    reports (default: when the image-report term is trained)."""
+    columns = class_columns(class_names_of(config, data_classes), data_classes)
+    use_maps = config.model.vision.fill == "heatmaps"
+    if use_maps and heatmaps is None:
+        raise ValueError('model.vision.fill is "heatmaps" but no heatmap dataset was given '
+                         "(set data.heatmaps_dir)")
+    return BatchReader(source, label_columns=columns,
+                       label_policy=config.data.get("label_policy", None)
+                       or config.train.get("label_policy", "ignore"),
+                       reports=uses_reports(config) if reports is None else reports,
+                       heatmaps=heatmaps if use_maps else None)
 
-    Returns (arrays, reports): image [N, H, W, in_channels] float32 (the X-ray and its extra
-    channels per ``model.vision.fill``, see `assemble_images`), labels / label_mask [N, C']
-    float32 for the C' = len(model.class_names) classes; the reports (to tokenise) as a list of
-    N non-empty strings.
+
+def tower_batch(config: ml_collections.ConfigDict, tokenizer: Any, batch: dict) -> dict:
+    """A `BatchReader` batch -> the arrays of a train step (all [b, ...]).
+
+    image [b, H, W, in_channels] float32 (the X-ray and its extra channels per
+    ``model.vision.fill``, see `assemble_images`), input_ids / attention_mask [b, L] int32 (the
+    reports; one placeholder text when the image-report term is off), labels / label_mask [b, C'].
     """
-    vision = config.model.vision
-    for key in ("image", "report", "labels"):
-        if key not in data:
-            raise ValueError(f"data has no {key!r} field (fields: {sorted(data)})")
-    n = len(data["image"])
-    for key in ("report", "labels", "id", "missing", "heatmaps"):
-        if key in data and len(data[key]) != n:
-            raise ValueError(f"data[{key!r}] has {len(data[key])} records, data['image'] has {n}")
-    image = np.asarray(data["image"], np.float32)
-    heatmaps = None
-    if vision.fill == "heatmaps" and "heatmaps" in data:
-        heatmaps = np.asarray(data["heatmaps"])
-        # Heatmap datasets may store uint8 (round(255 * h)).
-        heatmaps = (heatmaps / 255.0 if heatmaps.dtype == np.uint8 else heatmaps).astype(np.float32)
-    image = assemble_images(image, heatmaps, int(vision.in_channels), vision.fill)
+    vision, length = config.model.vision, int(config.model.text.max_length)
+    image = assemble_images(batch["image"], batch.get("heatmaps"), int(vision.in_channels),
+                            vision.fill)
+    if "report" in batch:
+        empty = [i for i, r in enumerate(batch["report"]) if not str(r).strip()]
+        if empty:
+            raise ValueError(f"record id {str(batch['id'][empty[0]])!r} has an empty report")
+        ids, mask = text_lib.tokenize(tokenizer, list(batch["report"]), length)
+    else:  # class-only towers: the CLIP term has weight 0, its input is a fixed placeholder
+        ids, mask = (np.repeat(a, len(image), axis=0)
+                     for a in text_lib.tokenize(tokenizer, [NO_REPORT], length))
+    return {"image": image, "input_ids": ids, "attention_mask": mask, "labels": batch["labels"],
+            "label_mask": batch["label_mask"]}
 
-    raw = np.asarray(data["labels"])
-    valid = list(data.get("class_names", synthetic.CLASS_NAMES))
-    if raw.ndim != 2 or raw.shape[1] != len(valid):
-        raise ValueError(f"labels must be [N, {len(valid)}] (one column per class of "
-                         f"{valid}), got shape {raw.shape}")
-    columns = class_columns(class_names_of(config, data), valid)
-    missing = np.asarray(data["missing"])[:, columns] if "missing" in data else None
-    labels, mask = labels_and_mask(raw[:, columns].astype(np.float32),
-                                   config.train.get("label_policy", "ignore"), missing=missing)
-    out = {"image": image, "labels": np.asarray(labels), "label_mask": np.asarray(mask)}
-    return out, check_reports(data)
+
+def report_corpus(reader: BatchReader, chunk: int = 256):
+    """Every report of ``reader``'s split, streamed in order (the tokenizer's training corpus)."""
+    for _, batch in ordered_batches(reader, chunk):
+        yield from (str(r) for r in batch["report"])
 
 
 # ----------------------------------------------------------------------------- text side
-def make_tokenizer(text_config: Any, reports: Sequence[str], workdir: str) -> Any:
+def make_tokenizer(text_config: Any, reports: Iterable[str], workdir: str,
+                   class_names: Sequence[str] = synthetic.CLASS_NAMES) -> Any:
     """The checkpoint's tokenizer, or a WordPiece vocabulary learnt from ``reports`` + prompts.
 
     A learnt tokenizer is saved under ``workdir/tokenizer`` and reloaded on resume, so the
@@ -140,7 +147,7 @@ def make_tokenizer(text_config: Any, reports: Sequence[str], workdir: str) -> An
     if not os.path.isdir(directory):
         if jax.process_index() == 0:
             # Prompts included, so that class words never fall to [UNK].
-            corpus = list(reports) + class_prompts(synthetic.CLASS_NAMES)
+            corpus = [*reports, *class_prompts(class_names), NO_REPORT]
             tokenizer = text_lib.train_wordpiece_tokenizer(corpus, int(text_config.vocab_size))
             tmp = directory + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -195,21 +202,21 @@ def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Arr
 
 def step_constants(class_tokens: tuple, config: Any) -> dict:
     """What a run's steps hold fixed, as arrays: the class prompts' tokens ``class_ids`` /
-    ``class_mask`` [C', L] and the hybrid loss's λ ``class_weight`` [] (``train.class_weight``).
+    ``class_mask`` [C', L] and the hybrid loss's weight ``clip_weight`` [] (``train.clip_weight``).
 
     Arguments of the compiled step rather than constants inside it: runs that differ only in
     these (the ablation's CLIP and hybrid variants) then share one compiled program.
     """
     ids, mask = class_tokens
     return {"class_ids": jnp.asarray(ids, jnp.int32), "class_mask": jnp.asarray(mask, jnp.int32),
-            "class_weight": jnp.asarray(float(config.train.class_weight), jnp.float32)}
+            "clip_weight": jnp.asarray(float(config.train.clip_weight), jnp.float32)}
 
 
 def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     key: jax.Array):
     """``train_step(state, batch, consts) -> (state, metrics)``, pure; jit it with the mesh shardings.
 
-    batch: image [B, H, W, in_channels] (from `prepare_data`), input_ids / attention_mask [B, L],
+    batch: image [B, H, W, in_channels] (from `tower_batch`), input_ids / attention_mask [B, L],
     labels / label_mask [B, C']; consts: `step_constants` (replicated).  Metrics: float32 scalars.
     """
 
@@ -228,7 +235,7 @@ def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule:
                 out["image_emb"], out["text_emb"], out["class_emb"], batch["labels"],
                 batch["label_mask"], logit_scale=out["logit_scale"],
                 class_scale=out["class_scale"], class_bias=out["class_bias"],
-                class_weight=consts["class_weight"])
+                clip_weight=consts["clip_weight"])
             scalars = {k: out[k] for k in ("logit_scale", "class_scale", "class_bias")}
             return loss, (parts, scalars, updates.get("batch_stats", state.batch_stats))
 
@@ -269,10 +276,15 @@ def _read_history(path: str, upto_step: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- training
-def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
+def train_towers(config: ml_collections.ConfigDict, source: Any, workdir: str, *,
+                 class_names: Sequence[str] = synthetic.CLASS_NAMES, heatmaps: Any = None,
                  until_step: int | None = None, progress: bool = True) -> tuple[TrainState, list]:
-    """Trains (or resumes) the two towers on ``data``; returns (state, history).
+    """Trains (or resumes) the two towers on the records of ``source``; returns (state, history).
 
+    source: random-access split (records: "image" [H, W, 1], "labels" [C] in {-1, 0, 1},
+    optional "missing" [C], "report", "id"), read in streamed batches; class_names: its C label
+    columns; heatmaps: a source aligned with ``source`` by index (`HeatmapSource`), read when
+    ``model.vision.fill`` is "heatmaps".
     history: one dict per logging interval ({"step", "loss", "image_text", "image_class",
     "logit_scale", ..., "sec_per_step"}), also written to ``workdir/metrics.jsonl``; the first
     interval's sec_per_step includes compilation.
@@ -280,28 +292,30 @@ def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
     call continues from the checkpoint written there.
     """
     train_cfg, text_cfg = config.train, config.model.text
+    reader = make_reader(config, source, class_names, heatmaps)
+    names = class_names_of(config, class_names)
+    # A tokenizer learnt from scratch reads every report once, streamed (no split in memory).
+    reports = report_corpus(reader) if reader.reports and not text_cfg.get("path") else ()
     os.makedirs(workdir, exist_ok=True)
-    arrays, reports = prepare_data(config, data)
-    tokenizer = make_tokenizer(text_cfg, reports, workdir)
-    arrays["input_ids"], arrays["attention_mask"] = text_lib.tokenize(
-        tokenizer, reports, int(text_cfg.max_length))
-    class_names = class_names_of(config, data)
+    tokenizer = make_tokenizer(text_cfg, reports, workdir, names)
+    batches = train_batches(reader, int(train_cfg.batch_size), seed=int(train_cfg.seed),
+                            num_threads=int(train_cfg.get("input_threads", 2)))
+    first = tower_batch(config, tokenizer, next(batches))  # bad input fails here
     class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
-        tokenizer, class_prompts(class_names), int(text_cfg.max_length)))
+        tokenizer, class_prompts(names), int(text_cfg.max_length)))
     vision = config.model.vision  # what a checkpoint must agree with to be resumed
-    meta = {"class_names": class_names, "in_channels": int(vision.in_channels), "fill": vision.fill,
-            "image_shape": [int(s) for s in arrays["image"].shape[1:3]]}
+    meta = {"class_names": names, "in_channels": int(vision.in_channels), "fill": vision.fill,
+            "image_shape": [int(s) for s in first["image"].shape[1:3]]}
     saved = ml_collections.ConfigDict(config.to_dict())
-    saved.model.class_names = class_names  # resolved: `load_towers` needs no data
+    saved.model.class_names = names  # resolved: `load_towers` needs no data
     _write_text(os.path.join(workdir, "config.json"), saved.to_json(indent=2))
 
     mesh = parallel.make_mesh()
-    loader = Loader(ArraySource(arrays), int(train_cfg.batch_size), seed=int(train_cfg.seed))
     model = build_two_tower(config.model, bert_config(text_cfg, len(tokenizer)))
     tx, schedule = make_optimizer(train_cfg)
     root = jax.random.key(int(train_cfg.seed), impl=train_cfg.get("prng_impl", "threefry2x32"))
     init_key, step_key = jax.random.split(root)
-    example = {k: v[:1] for k, v in arrays.items()}
+    example = {k: v[:1] for k, v in first.items()}
     state = create_state(model, tx, init_key, example, class_tokens, config, mesh)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -311,6 +325,10 @@ def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
         if key in saved_meta and saved_meta[key] != value:
             raise ValueError(f"{workdir} holds a run with {key}={saved_meta[key]!r}, this config "
                              f"has {value!r}; use another --workdir")
+    if start:  # batches are a function of (seed, step): restart the stream at the restored step
+        batches = train_batches(reader, int(train_cfg.batch_size), seed=int(train_cfg.seed),
+                                start_step=start, num_threads=int(train_cfg.get("input_threads", 2)))
+        first = None
     log_path = os.path.join(workdir, "metrics.jsonl")
     history = _read_history(log_path, start)
 
@@ -326,7 +344,9 @@ def train_towers(config: ml_collections.ConfigDict, data: dict, workdir: str, *,
     with tqdm(range(start, stop), initial=start, total=steps, desc="train towers",
               unit="step", disable=not progress) as bar:
         for step in bar:
-            state, metrics = step_fn(state, parallel.shard_batch(loader.batch(step), mesh), consts)
+            host = first if first is not None else tower_batch(config, tokenizer, next(batches))
+            first = None
+            state, metrics = step_fn(state, parallel.shard_batch(host, mesh), consts)
             pending.append(metrics)  # device scalars: read once per interval, not every step
             done = step + 1
             if done % log_every == 0 or done == stop:
@@ -392,11 +412,30 @@ def load_towers(workdir: str) -> tuple[TwoTower, dict, Any, ml_collections.Confi
 
 
 # ----------------------------------------------------------------------------- CLI
+def open_heatmaps(config: ml_collections.ConfigDict, source: Any, split: str) -> Any:
+    """The heatmap dataset of ``split`` (``data.heatmaps_dir/<split>``) when the towers read heatmap
+    channels, checked against the image split before anything trains; else None."""
+    if config.model.vision.fill != "heatmaps":
+        return None
+    root = config.data.get("heatmaps_dir", "")
+    if not root:
+        raise ValueError('model.vision.fill is "heatmaps": set data.heatmaps_dir to the output '
+                         "directory of `daug-jax heatmaps`")
+    from daug_jax.heatmap_job import HeatmapSource
+
+    heatmaps = HeatmapSource(os.path.join(root, split))
+    heatmaps.check_matches(source, int(config.model.vision.in_channels) - 1)
+    return heatmaps
+
+
 def main(command: str, argv: list[str]) -> int:
+    from daug_jax.data import registry
+
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="towers", help="experiments/<name>.py or a .py path")
     parser.add_argument("--workdir", default="runs/towers")
+    registry.add_data_args(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--until-step", type=int, default=None,
@@ -406,14 +445,15 @@ def main(command: str, argv: list[str]) -> int:
     from daug_jax.config import load_config
 
     config = load_config(args.config, args.set)
-    from daug_jax.data.records import load_records
-
-    data = load_records(config.data, "train")
-    if config.data.get("heatmaps_dir"):
-        from daug_jax.heatmap_job import attach_heatmaps
-
-        data = attach_heatmaps(data, config.data.heatmaps_dir)
-    _, history = train_towers(config, data, args.workdir, until_step=args.until_step)
+    registry.apply_data_args(config, args)
+    dataset = registry.open_dataset(config.data)
+    if uses_reports(config) and not dataset.has_reports:
+        raise ValueError(f"{dataset.name} has no reports: train class-only towers with "
+                         f"--set train.clip_weight=0")
+    source = dataset.source("train")
+    heatmaps = open_heatmaps(config, source, "train")
+    _, history = train_towers(config, source, args.workdir, class_names=dataset.class_names,
+                              heatmaps=heatmaps, until_step=args.until_step)
     if history:
         a, b = history[0], history[-1]
         print(f"towers: steps {a['step']} -> {b['step']}: image-text loss {a['image_text']:.4f} -> "

@@ -14,10 +14,10 @@ import ml_collections
 from experiments import towers
 
 VARIANTS = {
-    "baseline": dict(fill="repeat", class_weight=0.0),
-    "daug": dict(fill="heatmaps", class_weight=0.0),
-    "hybrid": dict(fill="repeat", class_weight=1.0),
-    "daug_hybrid": dict(fill="heatmaps", class_weight=1.0),
+    "baseline": dict(fill="repeat", clip_weight=1.0),
+    "daug": dict(fill="heatmaps", clip_weight=1.0),
+    "hybrid": dict(fill="repeat", clip_weight=0.5),
+    "daug_hybrid": dict(fill="heatmaps", clip_weight=0.5),
 }
 
 
@@ -27,7 +27,7 @@ def variant_config(name: str, base: ml_collections.ConfigDict | None = None) -> 
         raise ValueError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
     config = ml_collections.ConfigDict((base or towers.get_config()).to_dict())
     config.model.vision.fill = VARIANTS[name]["fill"]
-    config.train.class_weight = VARIANTS[name]["class_weight"]
+    config.train.clip_weight = VARIANTS[name]["clip_weight"]
     return config
 
 

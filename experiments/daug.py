@@ -1,6 +1,6 @@
 """Ablation variant `daug` (see experiments/ablation.py).
 
-    daug-jax train --config daug --workdir runs/daug --set data.heatmaps_dir=runs/heatmaps/train
+    daug-jax train --config daug --workdir runs/daug --set data.heatmaps_dir=runs/heatmaps
 """
 
 from experiments.ablation import variant_config

@@ -18,7 +18,7 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
     config.seeds = (0,)
 
     config.diffusion = diffusion.get_config()
-    config.heatmaps = heatmaps.get_config()
+    config.heatmaps = heatmaps.get_config().heatmaps
     config.towers = towers.get_config()
     # Sized for <= 15 minutes on 2 cores.  400 UNet steps (the epsilon-loss is ~0.05 by then)
     # and 300 classifier steps localise well: pointing game anomaly 0.56 (chance 0.03) and site

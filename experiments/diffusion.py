@@ -23,8 +23,10 @@ def _train(steps, learning_rate, save_every):
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # Training images: the synthetic benchmark's training split, generated in memory.
-    config.data = dict(num_train=2048, image_size=32, seed=0)
+    # Training films: any registered dataset (`--data NAME --data-dir DIR`); by default the
+    # synthetic benchmark's training split, built under data_dir when missing.
+    config.data = dict(name="synthetic_cxr", data_dir="runs/tfds", image_size=32, num_train=2048,
+                       num_validation=500, num_test=500, seed=0, label_policy="ignore")
     # T = 1000 levels; cosine keeps more signal at mid levels than linear at 32x32, so an encode
     # level of L = 500 still preserves the anatomy the decoder is meant to keep.
     config.diffusion = dict(schedule="cosine", num_steps=1000)

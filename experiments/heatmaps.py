@@ -6,8 +6,17 @@
 
 import ml_collections
 
+from experiments import diffusion
+
 
 def get_config() -> ml_collections.ConfigDict:
+    root = ml_collections.ConfigDict()
+    root.data = diffusion.get_config().data  # the films the diffusion models were trained on
+    root.heatmaps = _heatmaps()
+    return root
+
+
+def _heatmaps() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Two channels -> [x0, h1, h2], 3 channels for an ImageNet-style stem: one finding and the
     # anomaly map (towards "No Finding").

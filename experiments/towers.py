@@ -2,12 +2,12 @@
 
     daug-jax train --config towers --workdir runs/towers
     daug-jax train --config towers --workdir runs/towers_daug \\
-        --set model.vision.fill=heatmaps --set data.heatmaps_dir=runs/heatmaps/train
+        --set model.vision.fill=heatmaps --set data.heatmaps_dir=runs/heatmaps
 
 A tiny ResNet on 32 px films and a small BERT trained from scratch with a WordPiece vocabulary
 learnt from the training reports; a few hundred steps take a few minutes on 2 cores.  The four
 runs of the ablation differ only in ``model.vision.fill`` ("repeat": the image copied into the
-extra channels; "heatmaps": the DAug channels) and ``train.class_weight`` (0: CLIP loss only).
+extra channels; "heatmaps": the DAug channels) and ``train.clip_weight`` (1: CLIP loss only).
 """
 
 import ml_collections
@@ -17,13 +17,19 @@ from daug_jax.data.synthetic import CLASS_NAMES
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # Any registered dataset (`--data NAME --data-dir DIR`); by default the synthetic benchmark.
     config.data = dict(
-        name="synthetic",
+        name="synthetic_cxr",
+        data_dir="runs/tfds",
         num_train=2048,
+        num_validation=500,
+        num_test=500,
         image_size=32,
         seed=0,
-        # Heatmap dataset of the training split (`daug-jax heatmaps --out ...`), read when
-        # model.vision.fill is "heatmaps"; records are matched to the images by id.
+        # Uncertain (-1) labels: "ignore" (masked), "ones" or "zeros"; blank ones always masked.
+        label_policy="ignore",
+        # Output directory of `daug-jax heatmaps` (split subfolders), read when
+        # model.vision.fill is "heatmaps"; records are joined to the films by index and id.
         heatmaps_dir="",
     )
 
@@ -63,8 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
         warmup=30,
         weight_decay=1e-4,
         grad_clip=1.0,
-        class_weight=1.0,      # lambda of the image-class term; 0 = CLIP loss only
-        label_policy="ignore",  # uncertain (-1) labels: "ignore" (masked), "ones" or "zeros"
+        # Loss w * L_image-text + (1 - w) * L_image-class: 1 = CLIP only, 0 = class term only.
+        clip_weight=0.5,
         checkpoint_every=100,
         log_every=10,
         seed=0,

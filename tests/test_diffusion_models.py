@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from daug_jax import parallel
+from daug_jax.data.pipeline import ArraySource
 from daug_jax.diffusion import NoiseAwareClassifier, UNet, eps_loss, masked_bce, q_sample
+from daug_jax.losses import labels_and_mask
 from daug_jax.diffusion import train as dtrain
 from experiments.diffusion import get_config
 
@@ -50,20 +52,23 @@ def test_masked_bce_value_and_gradient_ignore_uncertain():
     labels = rng.choice([-1, 0, 1], size=(4, 5)).astype(np.int8)
     labels[0, 0] = -1
     known = labels >= 0
-    grad_fn = jax.jit(jax.value_and_grad(masked_bce))
+    # The towers' convention makes the targets and the mask (uncertain -> masked).
+    targets, mask = labels_and_mask(labels, "ignore")
+    np.testing.assert_array_equal(mask, known)
+    grad_fn = jax.jit(jax.value_and_grad(lambda z: masked_bce(z, targets, mask)))
     y = np.where(known, labels, 0).astype(np.float64)
     p = 1 / (1 + np.exp(-logits))
     reference = -(y * np.log(p) + (1 - y) * np.log(1 - p))[known].mean()
-    loss, _ = grad_fn(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+    loss, _ = grad_fn(jnp.asarray(logits, jnp.float32))
     assert float(loss) == pytest.approx(reference, rel=1e-5)
     # Extreme logits where the label is uncertain change nothing, not even through a nan.
     wild = np.where(known, logits, 1e4 * np.sign(rng.normal(size=logits.shape)))
-    loss_w, grad = grad_fn(jnp.asarray(wild, jnp.float32), jnp.asarray(labels))
+    loss_w, grad = grad_fn(jnp.asarray(wild, jnp.float32))
     assert float(loss_w) == pytest.approx(float(loss), rel=1e-6)
     assert np.all(np.asarray(grad)[~known] == 0) and np.all(np.isfinite(grad))
     # The known entries get d/dz = (sigmoid(z) - y) / n_known.
     np.testing.assert_allclose(np.asarray(grad)[known], ((p - y)[known]) / known.sum(), rtol=1e-4, atol=1e-7)
-    nothing_known = grad_fn(jnp.ones((4, 5)), -jnp.ones((4, 5), jnp.int8))
+    nothing_known = jax.value_and_grad(lambda z: masked_bce(z, targets, 0 * mask))(jnp.ones((4, 5)))
     assert float(nothing_known[0]) == 0.0 and not np.any(nothing_known[1])
 
 
@@ -120,9 +125,9 @@ def test_diffusion_steps_reduce_eps_loss_and_use_the_level():
 
 def test_resume_equals_uninterrupted_and_load_round_trip(tmp_path):
     images = _images()
-    full = dtrain.train_diffusion(_tiny_config(8), images, str(tmp_path / "full"))
-    dtrain.train_diffusion(_tiny_config(4), images, str(tmp_path / "split"))
-    resumed = dtrain.train_diffusion(_tiny_config(8), images, str(tmp_path / "split"))
+    full = dtrain.train_diffusion(_tiny_config(8), ArraySource({'image': images}), str(tmp_path / "full"))
+    dtrain.train_diffusion(_tiny_config(4), ArraySource({'image': images}), str(tmp_path / "split"))
+    resumed = dtrain.train_diffusion(_tiny_config(8), ArraySource({'image': images}), str(tmp_path / "split"))
     jax.tree.map(np.testing.assert_array_equal, full, resumed)
 
     rows = [json.loads(r) for r in open(tmp_path / "split" / "log.jsonl")]
@@ -144,9 +149,9 @@ def test_resume_equals_uninterrupted_and_load_round_trip(tmp_path):
     wider = _tiny_config(10)
     wider.unet.ch = 16
     with pytest.raises(ValueError, match=r"unet\.ch: 8 -> 16"):
-        dtrain.train_diffusion(wider, images, str(tmp_path / "split"))
+        dtrain.train_diffusion(wider, ArraySource({'image': images}), str(tmp_path / "split"))
     with pytest.raises(ValueError, match="image_shape"):
-        dtrain.train_diffusion(_tiny_config(10), _images(size=16), str(tmp_path / "split"))
+        dtrain.train_diffusion(_tiny_config(10), ArraySource({'image': _images(size=16)}), str(tmp_path / "split"))
     with pytest.raises(ValueError, match="not a classifier"):
         dtrain.load_classifier(str(tmp_path / "split"))
 
@@ -155,8 +160,8 @@ def test_train_classifier_and_load(tmp_path):
     images = _images()
     labels = np.random.default_rng(1).choice([-1, 0, 1], size=(12, 3)).astype(np.int8)
     names = ("No Finding", "Cardiomegaly", "Pleural Effusion")
-    params = dtrain.train_classifier(_tiny_config(3), images, labels, str(tmp_path / "clf"),
-                                     class_names=names)
+    params = dtrain.train_classifier(_tiny_config(3), ArraySource({"image": images, "labels": labels}),
+                                     str(tmp_path / "clf"), class_names=names)
     model, loaded, config = dtrain.load_classifier(str(tmp_path / "clf"))
     jax.tree.map(np.testing.assert_array_equal, params, loaded)
     assert config.class_names == names and config.classifier.max_level == 300
@@ -166,12 +171,14 @@ def test_train_classifier_and_load(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(0 <= r["accuracy"] <= 1 for r in rows)
 
     bad = labels.copy()
-    bad[4, 2] = 2
-    with pytest.raises(ValueError, match=r"labels\[4, 2\] = 2"):
-        dtrain.train_classifier(_tiny_config(3), images, bad, str(tmp_path / "bad"), class_names=names)
+    bad[:, 2] = 2  # in every record: the first batch read names one
+    with pytest.raises(ValueError, match=r"record \d+ .* label 2 in column 2"):
+        dtrain.train_classifier(_tiny_config(3), ArraySource({"image": images, "labels": bad}),
+                                str(tmp_path / "bad"), class_names=names)
     with pytest.raises(ValueError, match="2 class names"):
-        dtrain.train_classifier(_tiny_config(3), images, labels, str(tmp_path / "bad"),
-                                class_names=names[:2])
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        dtrain.train_diffusion(_tiny_config(3), images * 2 - 1, str(tmp_path / "bad"))
+        dtrain.train_classifier(_tiny_config(3), ArraySource({"image": images, "labels": labels}),
+                                str(tmp_path / "bad"), class_names=names[:2])
+    with pytest.raises(ValueError, match=r"record \d+ .*\[0, 1\]"):
+        dtrain.train_diffusion(_tiny_config(3), ArraySource({"image": images * 2 - 1}),
+                               str(tmp_path / "bad"))
     assert not os.path.exists(tmp_path / "bad" / "meta.json")

@@ -49,7 +49,7 @@ def batch(seed=0):
     return u, v, w, y, m
 
 
-KW = dict(logit_scale=14.3, class_scale=10.0, class_bias=-2.0, class_weight=0.7)
+KW = dict(logit_scale=14.3, class_scale=10.0, class_bias=-2.0, clip_weight=0.7)
 
 
 # --------------------------------------------------------------------- agreement with the reference
@@ -65,8 +65,31 @@ def test_all_three_match_float64_reference(seed):
     expected_it, expected_ic = ref_clip(u, v, 14.3), ref_class(u, w, y, m, 10.0, -2.0)
     np.testing.assert_allclose(aux["image_text"], expected_it, rtol=1e-5)
     np.testing.assert_allclose(aux["image_class"], expected_ic, rtol=1e-5)
-    np.testing.assert_allclose(loss, expected_it + 0.7 * expected_ic, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.7 * expected_it + 0.3 * expected_ic, rtol=1e-5)
     assert loss.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0])
+def test_clip_weight_endpoints_are_single_terms(w):
+    u, v, c, y, m = batch(3)
+    loss, aux = losses.hybrid_contrastive_loss(u, v, c, y, m, **{**KW, "clip_weight": w})
+    np.testing.assert_allclose(loss, aux["image_text"] if w else aux["image_class"], rtol=1e-6)
+    # w = 0: the reports have no influence (class-only towers train without them).
+    grad_v = jax.grad(lambda t: losses.hybrid_contrastive_loss(
+        u, t, c, y, m, **{**KW, "clip_weight": w})[0])(v)
+    assert (np.abs(np.asarray(grad_v)).max() == 0.0) == (w == 0.0)
+
+
+def test_labels_and_mask_numpy_in_numpy_out():
+    raw = np.array([[1, 0, -1], [0, 1, 1]], np.int8)
+    missing = np.array([[False, True, False], [False, False, False]])
+    labels, mask = losses.labels_and_mask(raw, "ignore", missing=missing)
+    assert isinstance(labels, np.ndarray) and isinstance(mask, np.ndarray)
+    want = [np.asarray(a) for a in losses.labels_and_mask(jnp.asarray(raw), "ignore",
+                                                           missing=jnp.asarray(missing))]
+    np.testing.assert_array_equal(labels, want[0])
+    np.testing.assert_array_equal(mask, want[1])
+    np.testing.assert_array_equal(mask, [[1, 0, 0], [1, 1, 1]])
 
 
 def test_empty_mask_gives_zero_class_loss():
@@ -114,7 +137,7 @@ def test_finite_value_and_gradient_at_scale_100(kind):
     def f(u, v, w):
         return losses.hybrid_contrastive_loss(u, v, w, y, np.ones_like(y), logit_scale=100.0,
                                               class_scale=100.0, class_bias=-10.0,
-                                              class_weight=1.0)[0]
+                                              clip_weight=0.5)[0]
 
     value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(u, v, w)
     assert np.isfinite(value)

@@ -5,6 +5,7 @@ import logging
 import pathlib
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -12,7 +13,7 @@ import tensorflow_datasets as tfds
 import fixtures_real as fx
 from daug_jax import cli
 from daug_jax.config import load_config
-from daug_jax.data import chexpert, mimic_cxr
+from daug_jax.data import chexpert, mimic_cxr, registry
 from daug_jax.data import real_common as rc
 
 C = {name: i for i, name in enumerate(rc.CHEXPERT_CLASSES)}
@@ -184,6 +185,30 @@ def test_mimic_rebuild_is_idempotent(mimic_manual, tmp_path):
         MIMIC_DROPPED
 
 
+def test_mimic_build_past_the_shuffle_buffer_in_bounded_shards(mimic_manual, tmp_path,
+                                                              monkeypatch):
+    """A GeneratorBasedBuilder would spill its first record through TensorFlow (absent)."""
+    monkeypatch.setattr(tfds.core.shuffle, "MAX_MEM_BUFFER_SIZE", 1)
+    monkeypatch.setattr(rc, "MAX_SHARD_RECORDS", 2)
+    manual, levels = mimic_manual
+    config = mimic_cxr.MimicCxrConfig(image_size=16)
+    records = _records(_build(mimic_cxr.MimicCxr, config, tmp_path, manual))
+    fresh = mimic_cxr.MimicCxr(config=config, data_dir=tmp_path)
+    # Train plans 7 images (d02 is lateral) in CSV order: [d01 d03] [d04 d05] [d06 d07] [d08];
+    # the middle two shards lose every image to report and image faults, and d08 shares its
+    # study (and report) with the shard before it.
+    assert fresh.info.splits["train"].shard_lengths == [2, 0, 0, 1]
+    assert [r["id"].decode() for r in fresh.as_data_source(split="train")] == [
+        "d01-pa", "d03-ap", "d08-ap"]
+    assert {s: set(r) for s, r in records.items()} == {
+        s: set(e) for s, e in MIMIC_EXPECTED.items()}
+    for split, expected in MIMIC_EXPECTED.items():
+        for dicom, (_, _, _, report, _) in expected.items():
+            assert records[split][dicom]["report"].decode() == report
+            _check_image(records[split][dicom]["image"], levels[dicom], 16)
+    assert fresh.info.metadata["dropped"] == MIMIC_DROPPED
+
+
 @pytest.mark.parametrize("remove, named", [
     (None, "mimic-cxr-2.0.0-split.csv.gz"),   # manual directory absent altogether
     ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv.gz"),
@@ -292,13 +317,14 @@ def test_cli_prepare_builds_chexpert(chexpert_manual, tmp_path, capsys):
 
 def test_mimic_experiment_config_matches_the_builder(tmp_path):
     config = load_config(str(pathlib.Path(__file__).parents[1] / "experiments" / "mimic_cxr.py"))
-    builder = rc.make_builder(config.data.name, data_dir=tmp_path,
-                              image_size=config.data.image_size,
-                              report_section=config.data.report_section)
+    data = ml_collections.ConfigDict(dict(data_dir=str(tmp_path),
+                                          report_section=config.data.report_section))
+    builder = registry.make_builder(config.data.name, data, config.data.image_size)
     assert isinstance(builder, mimic_cxr.MimicCxr)
     assert builder.builder_config.name in mimic_cxr.MimicCxr.builder_configs  # a predefined one
-    with pytest.raises(ValueError, match="unknown real dataset 'chexpert'"):
-        rc.make_builder("chexpert", data_dir=tmp_path, image_size=224)
+    assert builder.builder_config.report_section == config.data.report_section
+    with pytest.raises(ValueError, match="unknown dataset 'chexpert'"):
+        registry.make_builder("chexpert", data, 224)
     targets = list(config.heatmaps.targets)
     assert len(targets) == 2 and set(targets) <= set(rc.CHEXPERT_CLASSES)
     assert config.model.vision.in_channels == 1 + len(targets) == 3

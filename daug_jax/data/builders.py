@@ -1,7 +1,9 @@
 """TFDS builder for the built-in synthetic chest X-ray benchmark (``synthetic_cxr``).
 
 Stored as array_record (random access, no TensorFlow needed): pixels as uint8 tensors, masks and
-sites as bool tensors.  Read back with ``tfds.builder(...).as_data_source()`` and batch with
+sites as bool tensors.  Records are in index order, written shard by shard with no shuffle (a
+``ShardBasedBuilder``: the shuffler of ``GeneratorBasedBuilder`` needs TensorFlow past 1 GB).
+Read back with ``tfds.builder(...).as_data_source()`` and batch with
 `daug_jax.data.pipeline.Loader`.
 
     builder = SyntheticCxr(config=SyntheticCxrConfig(image_size=64, num_train=2000), data_dir=d)
@@ -12,10 +14,12 @@ sites as bool tensors.  Read back with ``tfds.builder(...).as_data_source()`` an
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from daug_jax.data import real_common as rc
 from daug_jax.data import synthetic
 from daug_jax.data.real_common import predefined
 
@@ -49,7 +53,7 @@ class SyntheticCxrConfig(tfds.core.BuilderConfig):
         return self.seed * len(SPLITS) + SPLITS.index(split)
 
 
-class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
+class SyntheticCxr(tfds.core.ShardBasedBuilder):
     """Procedural chest radiographs with reports, CheXpert-style labels, lesion and site masks."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -81,16 +85,26 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
             license="Apache-2.0",
         )
 
-    def _split_generators(self, dl_manager):
+    def _shard_iterators_per_split(self, dl_manager):
         del dl_manager  # nothing to download: the data is generated
-        return {split: self._generate_examples(split) for split in SPLITS}
+        config, size = self.builder_config, self.builder_config.image_size
+        # Raw example bytes: pixels, then a mask and a site map per class (the bulk at 224 px).
+        record_bytes = size * size * (1 + 2 * len(synthetic.CLASS_NAMES)) + rc.TEXT_BYTES
+        return {split: [functools.partial(self._generate_shard, split, indices)
+                        for indices in rc.shard(range(getattr(config, f"num_{split}")),
+                                                record_bytes)]
+                for split in SPLITS}
 
-    def _generate_examples(self, split: str):
-        config = self.builder_config
-        total, seed = getattr(config, f"num_{split}"), config.split_seed(split)
-        for start in range(0, total, _CHUNK):
-            data = synthetic.generate(
-                min(_CHUNK, total - start), image_size=config.image_size, seed=seed, start=start)
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        super()._download_and_prepare(dl_manager, download_config)
+        rc.drop_empty_splits(self.info)  # e.g. num_validation=0
+
+    def _generate_shard(self, split: str, indices: range):
+        """Records ``indices`` of ``split``, in index order (record i depends only on seed, i)."""
+        config, seed = self.builder_config, self.builder_config.split_seed(split)
+        for start in range(indices.start, indices.stop, _CHUNK):
+            data = synthetic.generate(min(_CHUNK, indices.stop - start),
+                                      image_size=config.image_size, seed=seed, start=start)
             images = np.round(data["image"] * 255.0).astype(np.uint8)
             for j in range(len(images)):
                 yield data["id"][j], {

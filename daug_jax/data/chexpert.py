@@ -2,7 +2,8 @@
 
 Named ``chexpert_cxr`` because TFDS's own catalogue already registers ``chexpert`` (a builder
 that encodes images with TensorFlow).  One record per image, frontal views by default; splits
-``train`` (train.csv) and ``validation`` (valid.csv).  Features: see `daug_jax.data.real_common`.
+``train`` (train.csv) and ``validation`` (valid.csv), each in its CSV's order.  Features: see
+`daug_jax.data.real_common`.
 
 CheXpert ships no reports: ``report`` is "" in every record, and the text side of training sees
 only the class prompts ("a chest X-ray showing pleural effusion"), i.e. the image-class part of
@@ -16,8 +17,8 @@ term; image-report retrieval needs MIMIC-CXR.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 
 import tensorflow_datasets as tfds
 
@@ -44,7 +45,7 @@ class ChexpertCxrConfig(tfds.core.BuilderConfig):
             self.name = name
 
 
-class ChexpertCxr(tfds.core.GeneratorBasedBuilder):
+class ChexpertCxr(tfds.core.ShardBasedBuilder):
     """CheXpert radiographs with the 14 labeller observations (no reports)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -79,7 +80,7 @@ class ChexpertCxr(tfds.core.GeneratorBasedBuilder):
             homepage="https://stanfordmlgroup.github.io/competitions/chexpert/",
         )
 
-    def _split_generators(self, dl_manager):
+    def _shard_iterators_per_split(self, dl_manager):
         # Whichever variant has a train.csv; if none does, the error names the small one's files.
         variant = VARIANTS[0]
         try:
@@ -89,44 +90,50 @@ class ChexpertCxr(tfds.core.GeneratorBasedBuilder):
             pass  # absent or empty: require_files reports it
         root = rc.require_files(dl_manager, self.name,
                                 [f"{variant}/{csv_name}" for csv_name in SPLITS.values()])
-        rows = {split: rc.read_csv(root / variant / csv_name, COLUMNS)
-                for split, csv_name in SPLITS.items()}
-        labels = {split: [rc.encode_labels(r, f"{variant}/{SPLITS[split]} Path {r['Path']}")
-                          for r in split_rows]
-                  for split, split_rows in rows.items()}
-        rc.start_drop_counts(self.info)
-        return {split: self._generate_examples(root, split, rows[split], labels[split])
+        self._drops = rc.new_drop_counts(self.info, SPLITS)
+        # Every split is planned (and every label parsed) before any record is written.
+        planned = {split: self._plan(root, variant, split) for split in SPLITS}
+        record_bytes = rc.real_record_bytes(self.builder_config.image_size)
+        return {split: [functools.partial(self._generate_shard, root, split, items)
+                        for items in rc.shard(planned[split], record_bytes)]
                 for split in SPLITS}
 
-    def _download_and_prepare(self, dl_manager, download_config):
+    def _plan(self, root, variant, split) -> list[tuple]:
+        """The CSV rows that pass the CSV-only checks, in order, as (path, view, (labels,
+        missing)); the others are counted as dropped.  No image is read here."""
+        config, drops, seen, planned = self.builder_config, self._drops[split], set(), []
+        for row in rc.iter_csv(root / variant / SPLITS[split], COLUMNS):
+            path = row["Path"]
+            label = rc.encode_labels(row, f"{variant}/{SPLITS[split]} Path {path}")
+            reason = None
+            if path in seen:
+                reason = rc.DUPLICATE
+            elif config.frontal_only and row["Frontal/Lateral"].strip() != "Frontal":
+                reason = rc.VIEW_EXCLUDED
+            seen.add(path)
+            if reason:
+                drops[reason] += 1
+            else:
+                view = row["AP/PA"].strip() or row["Frontal/Lateral"].strip()
+                planned.append((path, view, label))
+        return planned
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
         super()._download_and_prepare(dl_manager, download_config)
-        rc.log_drop_counts(f"{self.name}/{self.builder_config.name}", self.info)
+        rc.drop_empty_splits(self.info)
+        rc.finish_drop_counts(f"{self.name}/{self.builder_config.name}", self.info, self._drops)
 
-    def _generate_examples(self, root, split, rows, labels):
-        config, drops = self.builder_config, collections.Counter()
-        seen = set()
-
-        def candidates():
-            for row, label in zip(rows, labels):
-                reason = None
-                if row["Path"] in seen:
-                    reason = rc.DUPLICATE
-                elif config.frontal_only and row["Frontal/Lateral"].strip() != "Frontal":
-                    reason = rc.VIEW_EXCLUDED
-                seen.add(row["Path"])
-                if reason:
-                    drops[reason] += 1
-                else:
-                    yield row, label
-
-        for (row, (label, missing)), image, reason in rc.load_images(
-                candidates(), lambda item: root / item[0]["Path"], config.image_size):
+    def _generate_shard(self, root, split, items):
+        """One shard's records; an image that cannot be decoded is counted as dropped."""
+        drops = self._drops[split]
+        for (path, view, (label, missing)), image, reason in rc.load_images(
+                items, lambda item: root / item[0], self.builder_config.image_size):
             if reason:
                 drops[reason] += 1
                 continue
             # ".../train/patient00001/study1/view1_frontal.jpg": the id drops the variant folder
             # so that the small and the full download give the same ids.
-            parts = row["Path"].split("/")
+            parts = path.split("/")
             image_id = "/".join(parts[1:])
             yield image_id, {
                 "image": image,
@@ -136,9 +143,8 @@ class ChexpertCxr(tfds.core.GeneratorBasedBuilder):
                 "id": image_id,
                 "study_id": "/".join(parts[-3:-1]),
                 "subject_id": parts[-3],
-                "view": row["AP/PA"].strip() or row["Frontal/Lateral"].strip(),
+                "view": view,
             }
-        rc.store_drop_counts(self.info, split, drops)
 
 
 def load_split(split: str, *, data_dir: str, manual_dir: str | None = None,

@@ -3,7 +3,8 @@
 Images, CheXpert labels and the official split come from MIMIC-CXR-JPG; the reports come from
 MIMIC-CXR (``mimic-cxr-reports.zip``); both are credentialed PhysioNet downloads, placed by hand
 (see ``MimicCxr.MANUAL_DOWNLOAD_INSTRUCTIONS``).  One record per image: frontal views (PA, AP) by
-default, each paired with its study's report.  Features: see `daug_jax.data.real_common`.
+default, each paired with its study's report, in the order of the split CSV.  Features: see
+`daug_jax.data.real_common`.
 
     builder = MimicCxr(config=MimicCxrConfig(image_size=224), data_dir="runs/tfds")
     builder.download_and_prepare(
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 
 import tensorflow_datasets as tfds
@@ -115,7 +117,7 @@ class MimicCxrConfig(tfds.core.BuilderConfig):
             self.name = name
 
 
-class MimicCxr(tfds.core.GeneratorBasedBuilder):
+class MimicCxr(tfds.core.ShardBasedBuilder):
     """MIMIC-CXR-JPG radiographs with report sections and CheXpert labels."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -153,79 +155,97 @@ class MimicCxr(tfds.core.GeneratorBasedBuilder):
             homepage="https://physionet.org/content/mimic-cxr-jpg/2.0.0/",
         )
 
-    def _split_generators(self, dl_manager):
+    def _shard_iterators_per_split(self, dl_manager):
         root = rc.require_files(dl_manager, self.name, REQUIRED)
-        by_split = collections.defaultdict(list)
-        for row in rc.read_csv(root / SPLIT_CSV, ("dicom_id", "study_id", "subject_id", "split")):
+        by_split = collections.defaultdict(list)  # split -> [(dicom_id, study_id, subject_id)]
+        for row in rc.iter_csv(root / SPLIT_CSV, ("dicom_id", "study_id", "subject_id", "split")):
             if row["split"] not in SPLITS:
                 raise ValueError(f"{SPLIT_CSV}: dicom_id {row['dicom_id']} has split "
                                  f"{row['split']!r}; expected one of {list(SPLITS)}")
-            by_split[SPLITS[row["split"]]].append(row)
+            by_split[SPLITS[row["split"]]].append(
+                (row["dicom_id"], row["study_id"], row["subject_id"]))
         positions = {r["dicom_id"]: r["ViewPosition"].strip()
-                 for r in rc.read_csv(root / METADATA_CSV, ("dicom_id", "ViewPosition"))}
+                     for r in rc.iter_csv(root / METADATA_CSV, ("dicom_id", "ViewPosition"))}
         # All labels are parsed before any record is written: a malformed label file fails
         # at once, not half way through the build.
         labels = {r["study_id"]: rc.encode_labels(r, f"{CHEXPERT_CSV} study_id {r['study_id']}")
-                  for r in rc.read_csv(root / CHEXPERT_CSV,
+                  for r in rc.iter_csv(root / CHEXPERT_CSV,
                                        ("subject_id", "study_id", *rc.CHEXPERT_CLASSES))}
-        rc.start_drop_counts(self.info)
-        return {split: self._generate_examples(root, split, by_split[split], positions, labels)
+        self._drops = rc.new_drop_counts(self.info, SPLITS.values())
+        record_bytes = rc.real_record_bytes(self.builder_config.image_size)
+        return {split: [functools.partial(self._generate_shard, root, split, items)
+                        for items in rc.shard(self._plan(split, by_split[split], positions,
+                                                         labels), record_bytes)]
                 for split in SPLITS.values()}
 
-    def _download_and_prepare(self, dl_manager, download_config):
+    def _plan(self, split, rows, positions, labels) -> list[tuple]:
+        """The images that pass the CSV-only checks, in CSV order, as
+        (dicom_id, study_id, subject_id, view, (labels, missing)).
+
+        The others are counted as dropped; no file is read here.
+        """
+        views, drops, seen, planned = self.builder_config.views, self._drops[split], set(), []
+        for dicom, study, subject in rows:
+            reason = None
+            if dicom in seen:
+                reason = rc.DUPLICATE
+            elif dicom not in positions:
+                reason = rc.METADATA_MISSING
+            elif positions[dicom] not in views:
+                reason = rc.VIEW_EXCLUDED
+            elif study not in labels:
+                reason = rc.LABELS_MISSING
+            seen.add(dicom)
+            if reason:
+                drops[reason] += 1
+            else:
+                planned.append((dicom, study, subject, positions[dicom], labels[study]))
+        return planned
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
         super()._download_and_prepare(dl_manager, download_config)
-        rc.log_drop_counts(f"{self.name}/{self.builder_config.name}", self.info)
+        rc.drop_empty_splits(self.info)
+        rc.finish_drop_counts(f"{self.name}/{self.builder_config.name}", self.info, self._drops)
 
-    def _generate_examples(self, root, split, rows, positions, labels):
-        config, drops = self.builder_config, collections.Counter()
-        reports: dict[str, str | None] = {}  # study_id -> text; one report serves several images
-        seen = set()
+    def _generate_shard(self, root, split, items):
+        """One shard's records: reads the reports, decodes the images (either may drop one)."""
+        config, drops = self.builder_config, self._drops[split]
+        # study_id -> text, as one report serves several images.  Per shard, so memory stays
+        # bounded; a study split over two shards has its report read twice.
+        reports: dict[str, str | None] = {}
 
-        def candidates():
-            for row in rows:
-                dicom, study, subject = row["dicom_id"], row["study_id"], row["subject_id"]
-                reason = None
-                if dicom in seen:
-                    reason = rc.DUPLICATE
-                elif dicom not in positions:
-                    reason = rc.METADATA_MISSING
-                elif positions[dicom] not in config.views:
-                    reason = rc.VIEW_EXCLUDED
-                elif study not in labels:
-                    reason = rc.LABELS_MISSING
+        def with_reports():
+            for item in items:
+                _, study, subject = item[:3]
+                if study not in reports:
+                    reports[study] = read_report(root / report_path(subject, study),
+                                                 config.report_section)
+                if reports[study] is None:
+                    drops[rc.REPORT_MISSING] += 1
+                elif not reports[study]:
+                    drops[rc.REPORT_NO_SECTIONS] += 1
                 else:
-                    if study not in reports:
-                        reports[study] = read_report(root / report_path(subject, study),
-                                                     config.report_section)
-                    if reports[study] is None:
-                        reason = rc.REPORT_MISSING
-                    elif not reports[study]:
-                        reason = rc.REPORT_NO_SECTIONS
-                seen.add(dicom)
-                if reason:
-                    drops[reason] += 1
-                else:
-                    yield row
+                    yield item
 
-        def path_of(row):
-            return root / image_path(row["subject_id"], row["study_id"], row["dicom_id"])
+        def path_of(item):
+            dicom, study, subject = item[:3]
+            return root / image_path(subject, study, dicom)
 
-        for row, image, reason in rc.load_images(candidates(), path_of, config.image_size):
+        for (dicom, study, subject, view, (labels, missing)), image, reason in rc.load_images(
+                with_reports(), path_of, config.image_size):
             if reason:
                 drops[reason] += 1
                 continue
-            study = row["study_id"]
-            yield row["dicom_id"], {
+            yield dicom, {
                 "image": image,
                 "report": reports[study],
-                "labels": labels[study][0],
-                "missing": labels[study][1],
-                "id": row["dicom_id"],
+                "labels": labels,
+                "missing": missing,
+                "id": dicom,
                 "study_id": study,
-                "subject_id": row["subject_id"],
-                "view": positions[row["dicom_id"]],
+                "subject_id": subject,
+                "view": view,
             }
-        rc.store_drop_counts(self.info, split, drops)
 
 
 def load_split(split: str, *, data_dir: str, manual_dir: str | None = None,

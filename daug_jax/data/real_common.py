@@ -2,8 +2,13 @@
 
 Both datasets are credentialed downloads, so their builders follow TFDS's manual-download
 convention: the files are placed under a ``manual_dir`` and ``download_and_prepare`` converts them
-to array_record shards readable without TensorFlow.  Both produce the same features, so a
-training loop can switch dataset by name:
+to array_record shards readable without TensorFlow.  They are ``tfds.core.ShardBasedBuilder``s:
+each shard is written straight from its generator, in CSV order.  (``GeneratorBasedBuilder``
+shuffles every record first, and its shuffler spills to disk through TensorFlow once a split
+passes 1 GB.)  Shards are planned from the CSVs alone; the file reads happen while a shard is
+written, so memory stays bounded by the shard size (see `shard`).
+
+Both produce the same features, so a training loop can switch dataset by name:
 
     image       uint8 [S, S, 1]   grayscale, resized to the config's S x S
     report      text              report section(s); "" where the dataset has no reports
@@ -52,6 +57,12 @@ IMAGE_CORRUPT = "image_corrupt"          # image file unreadable (truncated, not
 DUPLICATE = "duplicate"                  # same image listed twice
 
 _DECODE_CHUNK = 64  # images decoded concurrently before they are yielded in order
+
+# TFDS's ShardWriter tees a shard's example iterator to count it, so a whole shard's examples are
+# in memory while it is written: shards are bounded in records and in raw example bytes.
+MAX_SHARD_RECORDS = 1024
+MAX_SHARD_BYTES = 64 << 20
+TEXT_BYTES = 4096  # allowance per record for the report, ids and Python object overhead
 
 
 def features(image_size: int) -> tfds.features.FeaturesDict:
@@ -109,6 +120,11 @@ def require_files(dl_manager, dataset: str, required: Sequence[str]) -> os.PathL
 
 def read_csv(path: os.PathLike, required_columns: Iterable[str]) -> list[dict[str, str]]:
     """Rows of a (optionally gzipped) CSV as dicts of strings; checks the header first."""
+    return list(iter_csv(path, required_columns))
+
+
+def iter_csv(path: os.PathLike, required_columns: Iterable[str]) -> Iterator[dict[str, str]]:
+    """`read_csv` one row at a time (MIMIC's metadata CSV is 377k rows of 12 columns)."""
     path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", newline="", encoding="utf-8") as f:
@@ -117,7 +133,7 @@ def read_csv(path: os.PathLike, required_columns: Iterable[str]) -> list[dict[st
         absent = [c for c in required_columns if c not in header]
         if absent:
             raise ValueError(f"{path}: missing column(s) {absent}; header is {header}")
-        return list(reader)
+        yield from reader
 
 
 def encode_labels(row: Mapping[str, str], where: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +199,38 @@ def load_images(items: Iterable[Any], path_of: Callable[[Any], os.PathLike], siz
             yield from pool.map(decode, chunk)
 
 
+def shard(items: Sequence, record_bytes: int) -> list[Sequence]:
+    """Consecutive slices of ``items`` (in order), each within the shard bounds.
+
+    ``record_bytes`` is the raw size of one example (`real_record_bytes` for the real datasets).
+    No items give one empty shard, so that every split is written (see `drop_empty_splits`).
+    """
+    per_shard = max(1, min(MAX_SHARD_RECORDS, MAX_SHARD_BYTES // max(1, record_bytes)))
+    return [items[i:i + per_shard] for i in range(0, len(items), per_shard)] or [items[:0]]
+
+
+def drop_empty_splits(info: tfds.core.DatasetInfo) -> None:
+    """Removes the splits that kept no record, and their empty shard files.
+
+    TFDS cannot open a split without records (array_record needs at least one non-empty file),
+    and ``as_data_source()`` opens every split: an empty one (e.g. ``num_validation=0``, or all
+    of a split's images unreadable) is left out of the dataset instead.
+    """
+    empty = [s for s in info.splits.values() if s.num_examples == 0]
+    for split_info in empty:
+        log.warning("%s: split %s kept no record; it is left out", info.full_name, split_info.name)
+        for path in split_info.filepaths:
+            path.unlink(missing_ok=True)
+    if empty:
+        info.set_splits(tfds.core.SplitDict(
+            [s for s in info.splits.values() if s.num_examples > 0]))
+
+
+def real_record_bytes(image_size: int) -> int:
+    """Raw size of one `features` example: pixels, labels, missing flags and text."""
+    return image_size * image_size + 2 * len(CHEXPERT_CLASSES) + TEXT_BYTES
+
+
 def start_drop_counts(info: tfds.core.DatasetInfo) -> None:
     """Resets the drop counts so that a rebuild does not add to the previous build's."""
     info.metadata["dropped"] = {}
@@ -191,6 +239,26 @@ def start_drop_counts(info: tfds.core.DatasetInfo) -> None:
 def store_drop_counts(info: tfds.core.DatasetInfo, split: str, counts: collections.Counter) -> None:
     """Saves a split's drop counts into the metadata written next to the data."""
     info.metadata["dropped"][split] = {k: int(v) for k, v in sorted(counts.items())}
+
+
+def new_drop_counts(info: tfds.core.DatasetInfo,
+                    splits: Iterable[str]) -> dict[str, collections.Counter]:
+    """Resets the stored counts and returns empty per-split counters for a new build.
+
+    Planning and the shard generators add to these counters; `finish_drop_counts` stores them
+    once every shard is written, before TFDS writes the metadata next to the data.  The shards
+    run in this process (the builders take no Beam runner), so the counters see every drop.
+    """
+    start_drop_counts(info)
+    return {split: collections.Counter() for split in splits}
+
+
+def finish_drop_counts(name: str, info: tfds.core.DatasetInfo,
+                       drops: Mapping[str, collections.Counter]) -> None:
+    """Stores every split's drop counts in the metadata and logs them."""
+    for split, counts in drops.items():
+        store_drop_counts(info, split, counts)
+    log_drop_counts(name, info)
 
 
 def log_drop_counts(name: str, info: tfds.core.DatasetInfo) -> None:

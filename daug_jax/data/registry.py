@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import tensorflow_datasets as tfds
 
 DEFAULT = "synthetic_cxr"
@@ -133,6 +134,14 @@ def open_dataset(data_config: Any, *, image_size: int | None = None) -> Dataset:
     name = canonical_name(data_config.get("name", None))
     entry = REGISTRY[name]
     builder = make_builder(name, data_config, image_size)
+    if not builder.is_prepared() and jax.process_count() > 1:
+        # Several processes of one job: the first builds, the others wait and read its files.
+        if jax.process_index() == 0 and entry.build_on_demand:
+            builder.download_and_prepare()
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"dataset {name} prepared")
+        builder = make_builder(name, data_config, image_size)
     if not builder.is_prepared():
         if not entry.build_on_demand:
             raise FileNotFoundError(

@@ -2,7 +2,7 @@
 
 Both trainers share one loop (`_fit`): a pure ``step(state, batch, key) -> (state, metrics)``
 under ``jax.jit`` (state replicated, batch split on the mesh's "data" axis, state donated),
-batches from `Loader.batch(step)` and PRNG keys folded from the step inside the step, so a run
+streamed batches from `data.pipeline.train_batches` (a pure function of (seed, step)) and PRNG keys folded from the step inside the step, so a run
 restored from its latest orbax checkpoint continues exactly as an uninterrupted one would.
 The loss goes to ``<workdir>/log.jsonl`` and the tqdm bar every ``log_every`` steps; metrics are
 fetched from the device only then, so the loop never waits on the accelerator in between.
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from daug_jax import parallel
 from daug_jax.checkpoint import Checkpointer
-from daug_jax.data.pipeline import ArraySource, Loader
+from daug_jax.data.pipeline import BatchReader, train_batches
 from daug_jax.diffusion.classifier import NoiseAwareClassifier, masked_bce
 from daug_jax.diffusion.schedule import alphas_cumprod, eps_loss, q_sample
 from daug_jax.diffusion.unet import UNet
@@ -127,24 +127,25 @@ def classifier_step_fn(module: NoiseAwareClassifier, tx, alpha_bar: Any,
                        max_level: int) -> Callable:
     """``step(state, batch, key)``: masked BCE on x_t at levels uniform in [0, max_level].
 
-    batch["image"]: [B, H, W, C] float32 in [0, 1]; batch["labels"]: [B, K] int in {-1, 0, 1}.
+    batch["image"]: [B, H, W, C] float32 in [0, 1]; batch["labels"], batch["label_mask"]: [B, K]
+    float32 in {0, 1} (`daug_jax.losses.labels_and_mask`, the towers' label convention).
     """
     def step(state: State, batch: dict, key: jax.Array):
         x0 = batch["image"] * 2.0 - 1.0
-        labels = batch["labels"].astype(jnp.int32)
+        labels, mask = batch["labels"], batch["label_mask"]
         k_t, k_eps = jax.random.split(jax.random.fold_in(key, state["step"]))
         t = jax.random.randint(k_t, (x0.shape[0],), 0, max_level + 1)
         x_t = q_sample(x0, t, jax.random.normal(k_eps, x0.shape, x0.dtype), alpha_bar)
 
         def loss_fn(params):
             logits = module.apply({"params": params}, x_t, t)
-            return masked_bce(logits, labels), logits
+            return masked_bce(logits, labels, mask), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        known = labels >= 0
-        hits = jnp.where(known, (logits > 0) == (labels == 1), False)
+        known = mask > 0
+        hits = jnp.where(known, (logits > 0) == (labels > 0.5), False)
         acc = jnp.sum(hits) / jnp.maximum(jnp.sum(known), 1)
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
@@ -169,7 +170,7 @@ def _programs(kind: str, spec: str, mesh) -> tuple[Any, Callable, Callable]:
     else:
         module = make_classifier(cfg, cfg.num_classes)
         step = classifier_step_fn(module, tx, alpha_bar, cfg.max_level)
-        batch_spec = {"image": split, "labels": split}
+        batch_spec = {"image": split, "labels": split, "label_mask": split}
     init = jax.jit(lambda key, shape: init_state(module, tx, shape, key, ema=kind == "diffusion"),
                    static_argnums=1, out_shardings=rep)
     step = jax.jit(step, in_shardings=(rep, batch_spec, rep), out_shardings=(rep, rep),
@@ -220,17 +221,6 @@ def check_image_shape(config: ml_collections.ConfigDict, x: Any) -> None:
                          f"[B, {', '.join(map(str, expected))}], got {list(np.shape(x))}")
 
 
-def _validate_images(images: Any) -> np.ndarray:
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"images must be in [0, 1] (they are mapped to [-1, 1] for the model); "
-                         f"got range [{lo:.3f}, {hi:.3f}]")
-    return images
-
-
 def _abstract_state(init: Callable, image_shape: tuple, mesh) -> Any:
     """Shapes, dtypes and (replicated) shardings of a fresh state, without running init."""
     rep = parallel.replicated(mesh)
@@ -239,16 +229,23 @@ def _abstract_state(init: Callable, image_shape: tuple, mesh) -> Any:
 
 
 # ----------------------------------------------------------------------------- the loop
-def _fit(*, name: str, spec: str, meta: dict, source: ArraySource,
+def _fit(*, name: str, spec: str, meta: dict, reader: BatchReader,
          tcfg: ml_collections.ConfigDict, workdir: str) -> State:
     """Trains from the latest checkpoint in ``workdir`` (or from scratch) up to ``tcfg.steps``."""
-    os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh()
     _, init, step = _programs(meta["kind"], spec, mesh)
     image_shape = tuple(meta["image_shape"])
+    fields = ("image", "labels", "label_mask") if meta["kind"] == "classifier" else ("image",)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tcfg.save_every)
-    meta_path, log_path = os.path.join(workdir, "meta.json"), os.path.join(workdir, "log.jsonl")
     start = ckpt.latest_step() or 0
+    batches = train_batches(reader, int(tcfg.batch_size), seed=int(tcfg.seed), start_step=start,
+                            num_threads=int(tcfg.get("input_threads", 2)))
+    first = next(batches)  # bad input fails here, before anything is written
+    if tuple(first["image"].shape[1:]) != image_shape:
+        raise ValueError(f"{name}: records have images of shape {list(first['image'].shape[1:])}, "
+                         f"the dataset declares {list(image_shape)}")
+    os.makedirs(workdir, exist_ok=True)
+    meta_path, log_path = os.path.join(workdir, "meta.json"), os.path.join(workdir, "log.jsonl")
     if start:
         if os.path.exists(meta_path):
             with open(meta_path) as f:  # before restoring: a changed architecture would not fit
@@ -267,13 +264,11 @@ def _fit(*, name: str, spec: str, meta: dict, source: ArraySource,
     # Created by a jitted program so that every process holds its shard of the replicated key
     # (device_put of a host value onto a multi-process sharding is refused).
     key = jax.jit(lambda: prng_key(tcfg.seed + 1), out_shardings=parallel.replicated(mesh))()
-    fields = ("image", "labels") if meta["kind"] == "classifier" else ("image",)
-    loader = Loader(source, tcfg.batch_size, seed=tcfg.seed)
     pending, t_first = [], None
     bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc=name,
                disable=not lead)
     for i in bar:
-        host = loader.batch(i)
+        host = first if i == start else next(batches)
         batch = parallel.shard_batch({k: host[k] for k in fields}, mesh)
         state, metrics = step(state, batch, key)
         pending.append((i + 1, metrics))
@@ -302,44 +297,43 @@ def _fit(*, name: str, spec: str, meta: dict, source: ArraySource,
 
 
 # ----------------------------------------------------------------------------- public API
-def train_diffusion(config: ml_collections.ConfigDict, images: Any, workdir: str) -> Any:
-    """Trains (or resumes) the epsilon-UNet on ``images: [N, H, W, C] float32 in [0, 1]``.
+def _image_shape(source: Any) -> list[int]:
+    """(H, W, C) of the records of ``source`` (its first record; every batch is checked)."""
+    if len(source) == 0:
+        raise ValueError("the training split is empty")
+    return [int(s) for s in np.shape(source[0]["image"])]
 
-    Returns the EMA parameters (what sampling should use).
+
+def train_diffusion(config: ml_collections.ConfigDict, source: Any, workdir: str) -> Any:
+    """Trains (or resumes) the epsilon-UNet on the films of ``source``; returns the EMA parameters.
+
+    source: random-access split (`daug_jax.data.registry`, or `ArraySource`) whose records have
+    "image" [H, W, C] uint8, or float32 in [0, 1]; read in streamed batches.
     """
-    images = _validate_images(images)
     meta = {"kind": "diffusion", "model_section": "unet", "config": _json(config.to_dict()),
-            "image_shape": list(images.shape[1:]), "class_names": None}
+            "image_shape": _image_shape(source), "class_names": None}
     state = _fit(name="train-diffusion", spec=_spec(config, "diffusion"), meta=meta,
-                 source=ArraySource({"image": images}), tcfg=config.unet_train, workdir=workdir)
+                 reader=BatchReader(source), tcfg=config.unet_train, workdir=workdir)
     return state["ema"]
 
 
-def train_classifier(config: ml_collections.ConfigDict, images: Any, labels: Any, workdir: str,
-                     *, class_names: Sequence[str] | None = None) -> Any:
+def train_classifier(config: ml_collections.ConfigDict, source: Any, workdir: str, *,
+                     class_names: Sequence[str], label_policy: str = "ignore") -> Any:
     """Trains (or resumes) the noise-aware classifier; returns its parameters.
 
-    images: [N, H, W, C] float32 in [0, 1]; labels: [N, K] int in {-1, 0, 1} (-1 = uncertain,
-    masked); class_names: K names (default: the synthetic benchmark's classes).
+    source: records with "image" (as for `train_diffusion`), "labels" int [K] in {-1, 0, 1} and
+    optionally "missing" bool [K]; class_names: the K label columns, in order.  Labels become
+    targets and a loss mask with `labels_and_mask` under ``label_policy``, as for the towers.
     """
-    images = _validate_images(images)
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels must be [N={images.shape[0]}, K], got shape {labels.shape}")
-    bad = ~np.isin(labels, (-1, 0, 1))
-    if bad.any():
-        row, col = map(int, np.argwhere(bad)[0])
-        raise ValueError(f"labels must be in {{-1, 0, 1}}; labels[{row}, {col}] = {labels[row, col]}")
-    if class_names is None:
-        from daug_jax.data.synthetic import CLASS_NAMES as class_names
-    if len(class_names) != labels.shape[1]:
-        raise ValueError(f"{len(class_names)} class names {list(class_names)} for "
-                         f"{labels.shape[1]} label columns")
-    spec = _spec(config, "classifier", num_classes=labels.shape[1])
+    class_names = [str(c) for c in class_names]
+    width = int(np.shape(source[0]["labels"])[-1]) if len(source) else 0
+    if len(class_names) != width:
+        raise ValueError(f"{len(class_names)} class names {class_names} for {width} label columns")
+    spec = _spec(config, "classifier", num_classes=width)
     meta = {"kind": "classifier", "model_section": "classifier", "config": _json(config.to_dict()),
-            "image_shape": list(images.shape[1:]), "class_names": list(class_names)}
-    source = ArraySource({"image": images, "labels": labels.astype(np.int8)})
-    state = _fit(name="train-classifier", spec=spec, meta=meta, source=source,
+            "image_shape": _image_shape(source), "class_names": class_names}
+    reader = BatchReader(source, label_columns=range(width), label_policy=label_policy)
+    state = _fit(name="train-classifier", spec=spec, meta=meta, reader=reader,
                  tcfg=config.classifier_train, workdir=workdir)
     return state["params"]
 
@@ -378,23 +372,26 @@ def load_classifier(workdir: str) -> tuple[NoiseAwareClassifier, Any, ml_collect
 # ----------------------------------------------------------------------------- CLI
 def main(command: str, argv: list[str]) -> int:
     from daug_jax.config import load_config
-    from daug_jax.data import synthetic
+    from daug_jax.data import registry
 
     kind = "classifier" if command == "train-classifier" else "diffusion"
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}")
     parser.add_argument("--config", default="diffusion", help="experiments/<name>.py or a .py path")
     parser.add_argument("--workdir", default=f"runs/{kind}")
+    registry.add_data_args(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set unet_train.steps=200 (repeatable)")
     args = parser.parse_args(argv)
     parallel.maybe_initialize_distributed()
     config = load_config(args.config, args.set)
-    data = synthetic.generate(config.data.num_train, image_size=config.data.image_size,
-                              seed=config.data.seed, progress=True)
+    registry.apply_data_args(config, args)
+    dataset = registry.open_dataset(config.data)
+    source = dataset.source(config.data.get("train_split", "train"))
     if kind == "diffusion":
-        train_diffusion(config, data["image"], args.workdir)
+        train_diffusion(config, source, args.workdir)
     else:
-        train_classifier(config, data["image"], data["labels"], args.workdir,
-                         class_names=synthetic.CLASS_NAMES)
-    print(f"{command}: checkpoints, meta.json and log.jsonl in {args.workdir}")
+        train_classifier(config, source, args.workdir, class_names=dataset.class_names,
+                         label_policy=config.data.get("label_policy", "ignore"))
+    print(f"{command}: {dataset.name} ({len(source)} films); checkpoints, meta.json and "
+          f"log.jsonl in {args.workdir}")
     return 0
