@@ -36,7 +36,9 @@ from tqdm import tqdm
 
 from daug_jax import parallel
 from daug_jax.config import load_config
+from daug_jax.data import synthetic
 from daug_jax.data.pipeline import ArraySource
+from daug_jax.losses import labels_and_mask
 from daug_jax.files import write_json
 
 PARTS = ("matmul", "unet", "towers", "heatmaps")
@@ -71,7 +73,8 @@ def unet_step(config: Any, images: np.ndarray, *, classifier_labels: np.ndarray 
         max_level = config.classifier.max_level
         max_level = config.diffusion.num_steps - 1 if max_level is None else int(max_level)
         step_fn = dtrain.classifier_step_fn(module, tx, alpha_bar, max_level)
-        source = ArraySource({"image": images, "labels": classifier_labels})
+        labels, mask = labels_and_mask(np.asarray(classifier_labels, np.float32))
+        source = ArraySource({"image": images, "labels": labels, "label_mask": mask})
     else:
         step_fn = dtrain.diffusion_step_fn(module, tx, alpha_bar, config.unet_train.ema_decay)
         source = ArraySource({"image": images})
@@ -100,10 +103,11 @@ def towers_step(config: Any, data: dict, workdir: str, *,
 
     init_config = init_config or config
     text_cfg = config.model.text
-    arrays, reports = ttrain.prepare_data(config, data)
-    tokenizer = ttrain.make_tokenizer(text_cfg, reports, workdir)
+    source = ArraySource({k: data[k] for k in ("image", "labels", "report", "id")})
+    reader = ttrain.make_reader(config, source, synthetic.CLASS_NAMES)
+    tokenizer = ttrain.make_tokenizer(text_cfg, ttrain.report_corpus(reader), workdir)
+    arrays = ttrain.tower_batch(config, tokenizer, reader(range(len(source))))
     length = int(text_cfg.max_length)
-    arrays["input_ids"], arrays["attention_mask"] = text_lib.tokenize(tokenizer, reports, length)
     class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
         tokenizer, class_prompts(list(config.model.class_names)), length))
     bert = ttrain.bert_config(text_cfg, len(tokenizer))
@@ -181,10 +185,9 @@ def bench_step(step_fn: Callable, init_state: Callable, source: ArraySource, bat
     that each ratio compares two timings taken under the same machine load (a shared machine
     drifts between a run's parts); the reported ratio is the median of these paired ratios.
     """
-    from daug_jax.data.pipeline import Loader
+    from daug_jax.data.pipeline import read
 
-    loader = Loader(source, batch_size, seed=0)
-    batch = parallel.shard_batch(loader.batch(0), mesh)
+    batch = parallel.shard_batch(read(source, range(batch_size)), mesh)
     state = init_state(mesh)
     start = time.perf_counter()
     compiled = compile_step(step_fn, state, batch, mesh)

@@ -10,7 +10,7 @@ final state leaves and the number of bfloat16 values in the lowered program.
 
 Launched as one of several processes (``DAUG_COORDINATOR``, ``DAUG_NUM_PROCESSES``,
 ``DAUG_PROCESS_ID``), each process feeds only its rows of every global batch
-(``Loader.batch`` -> ``host_slice``) and process 0 writes the file.  The device count of a process
+(``host_slice`` of the same global batch) and process 0 writes the file.  The device count of a process
 comes from ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set by the launching test: it
 must be in the environment before JAX is imported.
 """
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from daug_jax import bench, parallel  # noqa: E402
 from daug_jax.config import load_config  # noqa: E402
-from daug_jax.data.pipeline import Loader  # noqa: E402
+from daug_jax.data.pipeline import read  # noqa: E402
 
 NUM_STEPS = 3     # the first step runs at learning rate 0 (warm-up), so the weights move twice
 GLOBAL_BATCH = 8
@@ -81,14 +81,18 @@ def run(model: str, dtype: str, devices: list, workdir: str) -> dict:
     rep = parallel.replicated(mesh)
     batch_spec = {k: parallel.data_sharding(mesh) for k in source.arrays}
     state = init_state(mesh)
-    loader = Loader(source, GLOBAL_BATCH, seed=0)
+
+    def batch(i):  # this process's rows of global batch i (the same global batch everywhere)
+        rows = np.random.default_rng([0, i]).permutation(len(source))[:GLOBAL_BATCH]
+        return parallel.shard_batch(read(source, rows[parallel.host_slice(GLOBAL_BATCH)]), mesh)
+
     lowered = jax.jit(step_fn, in_shardings=(rep, batch_spec), out_shardings=(rep, rep),
-                      donate_argnums=0).lower(state, parallel.shard_batch(loader.batch(0), mesh))
+                      donate_argnums=0).lower(state, batch(0))
     out: dict = {"bf16_values": np.asarray(lowered.as_text().count("bf16"))}
     step = lowered.compile()
     history: dict[str, list] = {}
     for i in range(NUM_STEPS):
-        state, metrics = step(state, parallel.shard_batch(loader.batch(i), mesh))
+        state, metrics = step(state, batch(i))
         for name, value in metrics.items():
             history.setdefault(name, []).append(np.asarray(value.addressable_data(0)))
     out.update({f"metric/{k}": np.stack(v) for k, v in history.items()})

@@ -158,12 +158,41 @@ def test_dataset_job_resumes_to_the_uninterrupted_result(tmp_path):
 
     with pytest.raises(ValueError, match="scale_constant"):   # other settings are not mixed in
         heatmap_job.write_heatmap_dataset(source, out, fn, 0.07, **kwargs)
-    order = np.arange(10)[::-1]                                # matched by id, not position
-    data = {"id": source.arrays["id"][order], "image": source.arrays["image"][order]}
-    attached = heatmap_job.attach_heatmaps(data, out)["heatmaps"]
-    np.testing.assert_array_equal(attached, np.stack([resumed[i]["heatmaps"] for i in order]))
-    with pytest.raises(ValueError, match="1 of 10 records have no heatmap.*id 'x-3'"):
-        heatmap_job.attach_heatmaps({**data, "id": np.where(order == 3, "x-3", data["id"])}, out)
+    # The towers check a heatmap dataset against the image split before training.
+    maps = heatmap_job.HeatmapSource(out)
+    maps.check_matches(source, 2)
+    reordered = ArraySource({k: v[::-1] for k, v in source.arrays.items()})
+    with pytest.raises(ValueError, match="image record 0 has id 'rec-9', its heatmap record id "
+                                         "'rec-0'"):
+        maps.check_matches(reordered, 2)
+    with pytest.raises(ValueError, match=r"2 channel\(s\) \['Left', 'no:Right'\], the towers "
+                                         r"expect 1"):
+        maps.check_matches(source, 1)
+    with pytest.raises(ValueError, match="has 10 records, the image split 9"):
+        maps.check_matches(ArraySource({k: v[:9] for k, v in source.arrays.items()}), 2)
+
+
+def test_processes_write_disjoint_shards_and_a_rerun_completes(tmp_path, monkeypatch):
+    """Process p of P writes shards p, p + P, ...; the other process's temp files are left
+    alone; whichever process is rerun completes its own shards, the result is one dataset."""
+    fn, source = small_heatmap_fn(), _source()
+    out, kwargs = str(tmp_path / "two"), dict(batch_size=2, shard_size=3)
+    monkeypatch.setattr(heatmap_job.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(heatmap_job.jax, "process_index", lambda: 1)
+    os.makedirs(out)
+    other = os.path.join(out, "heatmaps-00000-of-00004.array_record.tmp")  # process 0, running
+    with open(other, "wb") as f:
+        f.write(b"in progress")
+    heatmap_job.write_heatmap_dataset(source, out, fn, 0.05, **kwargs)
+    assert os.path.exists(other)
+    assert sorted(n for n in os.listdir(out) if n.endswith(".array_record")) == [
+        "heatmaps-00001-of-00004.array_record", "heatmaps-00003-of-00004.array_record"]
+    os.remove(other)  # process 0 was killed; its rerun completes shards 0 and 2
+    monkeypatch.setattr(heatmap_job.jax, "process_index", lambda: 0)
+    counting = FailAfter(fn, 10**6)
+    heatmap_job.write_heatmap_dataset(source, out, counting, 0.05, **kwargs)
+    assert counting.calls == 2 + 2
+    assert [r["id"] for r in _read_all(out)] == [f"rec-{i}" for i in range(10)]
 
 
 # ----------------------------------------------------------------------------- localization

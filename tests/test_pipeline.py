@@ -4,52 +4,87 @@ import numpy as np
 import pytest
 
 from daug_jax import config as config_lib
+from daug_jax import losses
 from daug_jax.data import pipeline
 
 
 def _source(n=10):
+    rng = np.random.default_rng(0)
+    labels = rng.choice([-1, 0, 1], size=(n, 3)).astype(np.int8)
     return pipeline.ArraySource({
-        "x": np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32),
-        "report": np.array([f"r{i}" for i in range(n)]),
+        "image": (np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1), np.uint8)),
+        "labels": labels, "missing": rng.random((n, 3)) < 0.3,
+        "report": np.array([f"r{i}" for i in range(n)]), "id": np.array([f"id-{i}" for i in range(n)]),
     })
 
 
+def _record_ids(batch):
+    return [int(v) for v in batch["image"][:, 0, 0, 0] * 255 + 0.5]
+
+
 def test_batches_are_a_pure_function_of_seed_and_step():
-    a = pipeline.Loader(_source(), 4, seed=3)
-    b = pipeline.Loader(_source(), 4, seed=3)
-    for step in (0, 1, 5, 17):
-        np.testing.assert_array_equal(a.batch(step)["x"], b.batch(step)["x"])
-    resumed = list(a.from_step(3, 6))
-    full = list(b.from_step(0, 6))[3:]
-    for r, f in zip(resumed, full):
-        np.testing.assert_array_equal(r["x"], f["x"])
-        np.testing.assert_array_equal(r["report"], f["report"])
+    reader = pipeline.BatchReader(_source())
+    stream = pipeline.train_batches(reader, 4, seed=3)
+    first = [_record_ids(next(stream)) for _ in range(6)]
+    again = pipeline.train_batches(reader, 4, seed=3, start_step=2)   # a resumed run
+    assert [_record_ids(next(again)) for _ in range(4)] == first[2:]
+    other = pipeline.train_batches(reader, 4, seed=4)
+    assert [_record_ids(next(other)) for _ in range(6)] != first
 
 
-def test_each_epoch_is_a_permutation_without_repeats():
-    loader = pipeline.Loader(_source(12), 4, seed=0)
-    assert loader.steps_per_epoch == 3
-    seen = np.concatenate([loader.batch(s)["x"][:, 0] for s in range(3)])
-    np.testing.assert_array_equal(np.sort(seen), np.arange(12))
-    other_epoch = np.concatenate([loader.batch(s)["x"][:, 0] for s in range(3, 6)])
-    assert not np.array_equal(seen, other_epoch)  # reshuffled per epoch
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    reader = pipeline.BatchReader(_source(12))
+    stream = pipeline.train_batches(reader, 4, seed=0)
+    order = [i for _ in range(6) for i in _record_ids(next(stream))]
+    assert sorted(order[:12]) == sorted(order[12:]) == list(range(12))
+    assert order[:12] != order[12:]
 
 
-def test_unshuffled_epoch_keeps_order_and_partial_batch():
-    loader = pipeline.Loader(_source(10), 4, shuffle=False, drop_remainder=False)
-    batches = list(loader.epoch())
-    assert [len(b["x"]) for b in batches] == [4, 4, 2]
-    np.testing.assert_array_equal(np.concatenate([b["x"][:, 0] for b in batches]), np.arange(10))
-    assert batches[0]["report"].tolist() == ["r0", "r1", "r2", "r3"]
+def test_reader_decodes_labels_with_the_shared_convention():
+    source = _source()
+    reader = pipeline.BatchReader(source, label_columns=[2, 0], label_policy="ignore", reports=True)
+    batch = reader([3, 1])
+    assert batch["image"].dtype == np.float32 and batch["image"].max() <= 1.0
+    want = losses.labels_and_mask(source.arrays["labels"][[3, 1]][:, [2, 0]],
+                                  "ignore", missing=source.arrays["missing"][[3, 1]][:, [2, 0]])
+    np.testing.assert_array_equal(batch["labels"], want[0])
+    np.testing.assert_array_equal(batch["label_mask"], want[1])
+    assert list(batch["report"]) == ["r3", "r1"] and list(batch["id"]) == ["id-3", "id-1"]
 
 
-def test_bad_arguments_are_reported():
+def test_reader_joins_heatmaps_by_index_and_checks_ids():
+    source = _source(6)
+    maps = np.random.default_rng(1).integers(0, 256, (6, 4, 4, 2)).astype(np.uint8)
+    aligned = pipeline.ArraySource({"id": source.arrays["id"], "heatmaps": maps})
+    batch = pipeline.BatchReader(source, heatmaps=aligned)([4, 0])
+    np.testing.assert_allclose(batch["heatmaps"], maps[[4, 0]] / 255.0, rtol=1e-6)
+    swapped = pipeline.ArraySource({"id": source.arrays["id"][::-1], "heatmaps": maps})
+    with pytest.raises(ValueError, match="record 4 of the image split has id 'id-4' but its "
+                                         "heatmap record has id 'id-1'"):
+        pipeline.BatchReader(source, heatmaps=swapped)([4, 0])
+    with pytest.raises(ValueError, match="heatmap dataset has 5 records, the image split 6"):
+        pipeline.BatchReader(source, heatmaps=pipeline.ArraySource(
+            {"id": source.arrays["id"][:5], "heatmaps": maps[:5]}))
+
+
+def test_ordered_batches_keep_order_and_a_partial_last_chunk():
+    chunks = list(pipeline.ordered_batches(pipeline.BatchReader(_source(10)), 4))
+    assert [list(i) for i, _ in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [_record_ids(b) for _, b in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    np.testing.assert_array_equal(pipeline.pad_rows(np.arange(3), 5), [0, 1, 2, 2, 2])
+
+
+def test_bad_input_is_named():
     with pytest.raises(ValueError, match="larger than the 10 records"):
-        pipeline.Loader(_source(10), 16)
-    with pytest.raises(ValueError, match="positive"):
-        pipeline.Loader(_source(10), 0)
+        pipeline.train_batches(pipeline.BatchReader(_source(10)), 16, seed=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        pipeline.train_batches(pipeline.BatchReader(_source(10)), 0, seed=0)
     with pytest.raises(ValueError, match="different lengths"):
         pipeline.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
+    bad = pipeline.ArraySource({"image": np.full((2, 4, 4, 1), -0.5, np.float32),
+                                "id": np.array(["a", "b"])})
+    with pytest.raises(ValueError, match=r"record 1 \(id 'b'\) has pixels in \[-0.5, -0.5\]"):
+        pipeline.BatchReader(bad)([1])
 
 
 def test_config_overrides():

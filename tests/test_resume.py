@@ -31,11 +31,11 @@ STEPS, EVERY, TIMEOUT = 6, 2, 420
 
 CASES = {
     "train-diffusion": [
-        "data.num_train=32", "unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
+        "data.num_train=32", "data.num_validation=8", "data.num_test=8", "unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
         f"unet_train.steps={STEPS}", "unet_train.batch_size=8", f"unet_train.save_every={EVERY}",
         f"unet_train.log_every={EVERY}", "unet_train.warmup_steps=1"],
     "train": [
-        "data.num_train=32",
+        "data.num_train=32", "data.num_validation=8", "data.num_test=8",
         "model.vision.resnet={'stage_sizes': (1,), 'widths': (8,), 'stem_width': 8}",
         "model.text.vocab_size=200", "model.text.hidden_size=16", "model.text.num_layers=1",
         "model.text.intermediate_size=32", "model.text.max_length=48", "model.embed_dim=16",
@@ -94,6 +94,7 @@ def test_killed_and_rerun_equals_uninterrupted(command, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(command)
     env = _subproc.jax_env(cache, devices=2)
     overrides = [a for item in CASES[command] for a in ("--set", item)]
+    overrides += ["--data-dir", str(tmp / "tfds")]  # built by the first run, read by the others
     uninterrupted, resumed = str(tmp / "uninterrupted"), str(tmp / "resumed")
 
     # First the uninterrupted run: it also fills the compilation cache the others load from.

@@ -13,6 +13,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from daug_jax import train
 from daug_jax.config import load_config
 from daug_jax.data import synthetic
+from daug_jax.data.pipeline import ArraySource
 from daug_jax.models.two_tower import TwoTower, class_prompts, l2_normalize
 
 STEPS = 8
@@ -39,6 +40,16 @@ def data():
     return synthetic.generate(8, image_size=32, seed=0)
 
 
+def _src(data):
+    """The in-memory films as a random-access split (what the trainer streams from)."""
+    return ArraySource({k: data[k] for k in ("image", "labels", "report", "id")})
+
+
+def _maps(data, heatmaps):
+    """A heatmap dataset aligned with ``data`` by index."""
+    return ArraySource({"id": data["id"], "heatmaps": heatmaps})
+
+
 @pytest.fixture(scope="module")
 def compile_once(tmp_path_factory):
     """JAX's persistent compilation cache for this module: the runs below trace the same
@@ -60,7 +71,7 @@ def compile_once(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(compile_once, data, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    state, history = train.train_towers(_config(), data, workdir, progress=False)
+    state, history = train.train_towers(_config(), _src(data), workdir, progress=False)
     return workdir, jax.device_get(state), history
 
 
@@ -71,8 +82,9 @@ def test_training_reduces_both_loss_parts(uninterrupted):
     assert last["image_text"] < first["image_text"] - 0.05, (first, last)
     assert last["image_class"] < first["image_class"] - 0.05, (first, last)
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in history)
-    # The logged total is L_it + lambda * L_ic with lambda = 1.
-    np.testing.assert_allclose(last["loss"], last["image_text"] + last["image_class"], rtol=1e-5)
+    # The logged total is w * L_it + (1 - w) * L_ic with w = train.clip_weight = 0.5.
+    np.testing.assert_allclose(last["loss"], 0.5 * (last["image_text"] + last["image_class"]),
+                               rtol=1e-5)
     assert int(state.step) == STEPS
     # BatchNorm running averages were updated by the steps and carried in the state.
     stem = state.batch_stats["image_tower"]["backbone"]["stem_norm"]
@@ -90,12 +102,12 @@ def test_resume_is_deterministic_and_equals_uninterrupted_run(uninterrupted, dat
     workdir = str(tmp_path / "resumed")
     # The vocabulary belongs to the run; share it so both runs see the same token ids.
     shutil.copytree(os.path.join(workdir_a, "tokenizer"), os.path.join(workdir, "tokenizer"))
-    _, history_1 = train.train_towers(_config(), data, workdir, until_step=4, progress=False)
+    _, history_1 = train.train_towers(_config(), _src(data), workdir, until_step=4, progress=False)
     assert _without_timing(history_1) == _without_timing(history_a[:4])
     # A killed run may have logged steps after its last checkpoint: the rerun drops them.
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({**history_a[4], "loss": -1.0}) + "\n")
-    state_b, history_b = train.train_towers(_config(), data, workdir, progress=False)
+    state_b, history_b = train.train_towers(_config(), _src(data), workdir, progress=False)
     assert _without_timing(history_b) == _without_timing(history_a)
     state_b = jax.device_get(state_b)
     assert int(state_b.step) == STEPS
@@ -118,15 +130,15 @@ def test_load_towers_restores_the_final_state(uninterrupted, data):
     assert tokenizer.unk_token_id not in ids
 
 
-def _lowered_step(config, data, workdir):
+def _lowered_step(config, data, workdir, heatmaps=None):
     """The train step of ``config`` on ``data``, lowered for its real arguments: (text, consts)."""
     from daug_jax import parallel
     from daug_jax.models import text as text_lib
 
-    arrays, reports = train.prepare_data(config, data)
-    tokenizer = train.make_tokenizer(config.model.text, reports, workdir)
+    reader = train.make_reader(config, _src(data), synthetic.CLASS_NAMES, heatmaps)
+    tokenizer = train.make_tokenizer(config.model.text, train.report_corpus(reader), workdir)
     length = int(config.model.text.max_length)
-    arrays["input_ids"], arrays["attention_mask"] = text_lib.tokenize(tokenizer, reports, length)
+    arrays = train.tower_batch(config, tokenizer, reader(range(len(data["id"]))))
     class_tokens = text_lib.tokenize(tokenizer, class_prompts(list(config.model.class_names)),
                                      length)
     model = train.build_two_tower(config.model, train.bert_config(config.model.text,
@@ -147,46 +159,56 @@ def test_ablation_variants_run_one_program(compile_once, data, tmp_path):
     differ in their data and constants, not in their compiled train step: one compilation
     serves the whole ablation."""
     rng = np.random.default_rng(0)
-    with_maps = {**data, "heatmaps": rng.uniform(size=(8, 32, 32, 2)).astype(np.float32)}
+    maps = rng.uniform(size=(8, 32, 32, 2)).astype(np.float32)
     baseline = _config()
-    baseline.train.class_weight = 0.0
+    baseline.train.clip_weight = 1.0
     daug_hybrid = _config()
     daug_hybrid.model.vision.fill = "heatmaps"
     # Separate workdirs: each run learns its own tokenizer, as the ablation's runs do.
     text_a, consts_a, batch_a = _lowered_step(baseline, data, str(tmp_path / "a"))
-    text_b, consts_b, batch_b = _lowered_step(daug_hybrid, with_maps, str(tmp_path / "b"))
-    assert float(consts_a["class_weight"]) == 0.0 and float(consts_b["class_weight"]) == 1.0
+    text_b, consts_b, batch_b = _lowered_step(daug_hybrid, data, str(tmp_path / "b"),
+                                              _maps(data, maps))
+    assert float(consts_a["clip_weight"]) == 1.0 and float(consts_b["clip_weight"]) == 0.5
     np.testing.assert_array_equal(batch_a["image"][..., 1], batch_a["image"][..., 0])
-    np.testing.assert_allclose(batch_b["image"][..., 1:], with_maps["heatmaps"])
+    np.testing.assert_allclose(batch_b["image"][..., 1:], maps)
     assert text_a == text_b
 
 
 def test_channel_count_mismatch_is_a_clear_error(data, tmp_path):
     config = _config()
     config.model.vision.fill = "heatmaps"
-    with_maps = {**data, "heatmaps": np.zeros((8, 32, 32, 1), np.float32)}
+    one_map = _maps(data, np.zeros((8, 32, 32, 1), np.float32))
     with pytest.raises(ValueError,
                        match=r"in_channels is 3 .* got 1 image \+ 1 heatmap channels = 2"):
-        train.train_towers(config, with_maps, str(tmp_path), progress=False)
-    with pytest.raises(ValueError, match=r'no "heatmaps"'):
-        train.train_towers(config, data, str(tmp_path), progress=False)
+        train.train_towers(config, _src(data), str(tmp_path), heatmaps=one_map, progress=False)
+    with pytest.raises(ValueError, match=r"no heatmap dataset"):
+        train.train_towers(config, _src(data), str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"heatmap dataset has 4 records, the image split 8"):
+        train.train_towers(config, _src(data), str(tmp_path), progress=False,
+                           heatmaps=_maps({"id": data["id"][:4]}, np.zeros((4, 32, 32, 2))))
+    shuffled = _maps({"id": data["id"][::-1]}, np.zeros((8, 32, 32, 2), np.float32))
+    with pytest.raises(ValueError, match=r"record \d+ of the image split has id 'syn-0-\d' but "
+                                         r"its heatmap record has id 'syn-0-\d'"):
+        train.train_towers(config, _src(data), str(tmp_path), heatmaps=shuffled, progress=False)
     rgb = {**data, "image": np.repeat(data["image"], 3, axis=-1)}
     with pytest.raises(ValueError, match=r"\[B, H, W, 1\].*\(8, 32, 32, 3\)"):
-        train.train_towers(_config(), rgb, str(tmp_path), progress=False)
+        train.train_towers(_config(), _src(rgb), str(tmp_path), progress=False)
 
 
 def test_unknown_class_name_is_a_clear_error(data, tmp_path):
     config = _config()
     config.model.class_names = ("Cardiomegaly", "Pleural Effusions")
     with pytest.raises(ValueError, match=r"'Pleural Effusions'.*valid: \['No Finding'"):
-        train.train_towers(config, data, str(tmp_path), progress=False)
+        train.train_towers(config, _src(data), str(tmp_path), progress=False)
 
 
 def test_empty_report_names_the_record(data, tmp_path):
     reports = data["report"].copy()
     reports[5] = "   "
-    with pytest.raises(ValueError, match=r"record 5 \(id 'syn-0-5'\) has an empty report"):
-        train.train_towers(_config(), {**data, "report": reports}, str(tmp_path), progress=False)
+    reports[:] = "   "  # every record: the first batch names one
+    with pytest.raises(ValueError, match=r"record id 'syn-0-\d' has an empty report"):
+        train.train_towers(_config(), _src({**data, "report": reports}), str(tmp_path),
+                           progress=False)
 
 
 def test_class_prompts_and_normalisation():

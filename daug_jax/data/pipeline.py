@@ -110,7 +110,7 @@ class BatchReader:
             bad = np.argwhere(~np.isin(raw, (-1.0, 0.0, 1.0)))
             if bad.size:
                 j, c = (int(v) for v in bad[0])
-                raise ValueError(f"record {int(indices[j])} (id {ids[j]!r}) has label "
+                raise ValueError(f"record {int(indices[j])} (id {str(ids[j])!r}) has label "
                                  f"{raw[j, c]:g} in column {self.label_columns[c]}; expected "
                                  f"1, 0 or -1 (uncertain)")
             missing = records.get("missing")
@@ -125,7 +125,7 @@ class BatchReader:
             if wrong.size:
                 j = int(wrong[0])
                 raise ValueError(f"record {int(indices[j])} of the image split has id "
-                                 f"{batch['id'][j]!r} but its heatmap record has id "
+                                 f"{str(batch['id'][j])!r} but its heatmap record has id "
                                  f"{str(maps['id'][j])!r}: the heatmaps were made from another "
                                  f"split or dataset")
             batch["heatmaps"] = to_unit_float(maps["heatmaps"])
@@ -140,7 +140,7 @@ def _checked_image(image: np.ndarray, indices: np.ndarray, ids: np.ndarray) -> n
     bad = np.flatnonzero((flat.min(axis=1) < -1e-3) | (flat.max(axis=1) > 1 + 1e-3))
     if bad.size:
         j = int(bad[0])
-        raise ValueError(f"record {int(indices[j])} (id {ids[j]!r}) has pixels in "
+        raise ValueError(f"record {int(indices[j])} (id {str(ids[j])!r}) has pixels in "
                          f"[{flat[j].min():.3g}, {flat[j].max():.3g}]; images must be uint8 or "
                          f"float in [0, 1]")
     return image
