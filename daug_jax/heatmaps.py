@@ -298,8 +298,11 @@ def load_models(diffusion_dir: str, classifier_dir: str) -> TranslationModels:
     """Loads both trained models and checks that they belong together."""
     from daug_jax.diffusion import train
 
-    unet, unet_params, dcfg = train.load_diffusion(diffusion_dir)
-    clf, clf_params, ccfg = train.load_classifier(classifier_dir)
+    # This process's devices only: translation is per image, so the processes of a heatmap job
+    # work independently (each on its own shards) and never wait on one another.
+    local = parallel.make_mesh(jax.local_devices())
+    unet, unet_params, dcfg = train.load_diffusion(diffusion_dir, local)
+    clf, clf_params, ccfg = train.load_classifier(classifier_dir, local)
     if tuple(dcfg.image_shape) != tuple(ccfg.image_shape):
         raise ValueError(f"the diffusion model ({diffusion_dir}) was trained on images of shape "
                          f"{tuple(dcfg.image_shape)}, the classifier ({classifier_dir}) on "

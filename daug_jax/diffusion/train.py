@@ -338,7 +338,7 @@ def train_classifier(config: ml_collections.ConfigDict, source: Any, workdir: st
     return state["params"]
 
 
-def _load(workdir: str, kind: str):
+def _load(workdir: str, kind: str, mesh=None):
     path = os.path.join(workdir, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trained {kind} model in {workdir} (missing meta.json)")
@@ -348,7 +348,7 @@ def _load(workdir: str, kind: str):
         raise ValueError(f"{workdir} holds a {meta.get('kind')} model, not a {kind} model")
     config = ml_collections.ConfigDict(meta["config"])
     spec = _spec(config, kind, num_classes=len(meta["class_names"] or ()))
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh() if mesh is None else mesh
     module, init, _ = _programs(kind, spec, mesh)
     config.image_shape = tuple(meta["image_shape"])
     config.class_names = tuple(meta["class_names"] or ())
@@ -359,14 +359,18 @@ def _load(workdir: str, kind: str):
     return module, state["ema" if kind == "diffusion" else "params"], config
 
 
-def load_diffusion(workdir: str) -> tuple[UNet, Any, ml_collections.ConfigDict]:
-    """``(unet, ema_params, config)`` from the latest checkpoint; ``config.image_shape`` is (H, W, C)."""
-    return _load(workdir, "diffusion")
+def load_diffusion(workdir: str, mesh=None) -> tuple[UNet, Any, ml_collections.ConfigDict]:
+    """``(unet, ema_params, config)`` from the latest checkpoint; ``config.image_shape`` is (H, W, C).
+
+    The parameters are replicated over ``mesh`` (default: every device of every process).
+    """
+    return _load(workdir, "diffusion", mesh)
 
 
-def load_classifier(workdir: str) -> tuple[NoiseAwareClassifier, Any, ml_collections.ConfigDict]:
+def load_classifier(workdir: str, mesh=None) -> tuple[NoiseAwareClassifier, Any,
+                                                      ml_collections.ConfigDict]:
     """``(classifier, params, config)``; ``config.class_names`` orders the logits."""
-    return _load(workdir, "classifier")
+    return _load(workdir, "classifier", mesh)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,0 +1,174 @@
+"""Every stage on real-format data, through the CLI only, at tiny sizes.
+
+MIMIC-CXR-JPG (films + reports): ``data prepare`` -> ``train-diffusion`` -> ``train-classifier``
+-> ``heatmaps`` (two processes over loopback) -> ``train`` with the heatmap channel ->
+``evaluate``.  CheXpert (no reports) the same with class-only towers (``train.clip_weight=0``).
+The trees are synthetic films written in the datasets' own layouts (tests/fixtures_real.py).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import _subproc
+from daug_jax import cli
+from daug_jax.heatmap_job import HeatmapSource
+from fixtures_real import make_chexpert_synthetic_tree, make_mimic_synthetic_tree
+
+SIZE = 32
+DIFFUSION = ["unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
+             "classifier.ch=8", "classifier.channel_mult=(1,)", "classifier.norm_groups=4",
+             "unet_train.steps=4", "unet_train.batch_size=8", "unet_train.save_every=4",
+             "unet_train.warmup_steps=1", "unet_train.log_every=2",
+             "classifier_train.steps=4", "classifier_train.batch_size=8",
+             "classifier_train.save_every=4", "classifier_train.warmup_steps=1",
+             "classifier_train.log_every=2", f"data.image_size={SIZE}"]
+HEATMAPS = ["heatmaps.targets='No Finding'", "heatmaps.num_steps=2", "heatmaps.batch_size=8",
+            "heatmaps.shard_size=32", "heatmaps.calibration.num_images=8"]
+TOWERS = ["model.vision.resnet={'stage_sizes': (1,), 'widths': (8,), 'stem_width': 8}",
+          "model.text.vocab_size=300", "model.text.hidden_size=16", "model.text.num_layers=1",
+          "model.text.intermediate_size=32", "model.text.max_length=48", "model.embed_dim=16",
+          "train.steps=6", "train.batch_size=8", "train.checkpoint_every=6", "train.log_every=3",
+          "train.warmup=1", "train.lr=0.01", f"data.image_size={SIZE}",
+          "model.vision.fill=heatmaps", "model.vision.in_channels=2"]
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def _cli(*argv):
+    assert cli.main([str(a) for a in argv]) == 0
+
+
+def _heatmaps_two_processes(tmp, data, splits, out):
+    """``daug-jax heatmaps`` as two processes of one job (a coordinator on loopback)."""
+    env = _subproc.jax_env(str(tmp / "jax-cache"))
+    port = _subproc.free_port()
+    cmd = _subproc.CLI + ["heatmaps", "--diffusion", tmp / "diffusion", "--classifier",
+                          tmp / "classifier", "--out", out, "--splits", splits,
+                          *data, *_sets(HEATMAPS)]
+    procs = []
+    for rank in range(2):
+        penv = {**env, "DAUG_COORDINATOR": f"127.0.0.1:{port}", "DAUG_NUM_PROCESSES": "2",
+                "DAUG_PROCESS_ID": str(rank)}
+        procs.append(_subproc.start([str(c) for c in cmd], penv, str(tmp / f"heatmaps{rank}.log")))
+    try:
+        for rank, proc in enumerate(procs):
+            proc.wait(timeout=300)
+            assert proc.returncode == 0, _subproc.tail(str(tmp / f"heatmaps{rank}.log"))
+    finally:
+        for proc in procs:
+            _subproc.kill(proc)
+    logs = [_subproc.tail(str(tmp / f"heatmaps{r}.log"), 10**6) for r in range(2)]
+    assert "process 1 of 2" in logs[0] and "process 2 of 2" in logs[1]
+
+
+def _check_heatmaps(out, split, num, tfds_ids):
+    maps = HeatmapSource(os.path.join(out, split))
+    ids = [maps[i]["id"] for i in range(len(maps))]
+    assert len(ids) == num and ids == tfds_ids  # one record per source id, in split order
+    assert maps[0]["heatmaps"].shape == (SIZE, SIZE, 1)
+    # Both processes wrote: with 32-record shards, shard 1 belongs to the second process.
+    assert len(maps.metadata["shards"]) >= 2
+
+
+def _split_ids(name, data_dir, split):
+    from daug_jax.data import registry
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(dict(name=name, data_dir=str(data_dir), image_size=SIZE))
+    source = registry.open_dataset(cfg).source(split)
+    return [source[i]["id"].decode() for i in range(len(source))]
+
+
+@pytest.mark.parametrize("dataset", ["mimic_cxr", "chexpert_cxr"])
+def test_every_stage_by_cli(dataset, tmp_path):
+    manual, tfds_dir, out = tmp_path / "manual", tmp_path / "tfds", tmp_path / "heatmaps"
+    if dataset == "mimic_cxr":
+        info = make_mimic_synthetic_tree(manual, num_train=80, num_validation=16, num_test=40)
+        splits, query, towers = "train,test", "test", TOWERS
+    else:
+        info = make_chexpert_synthetic_tree(manual, num_train=80, num_validation=40)
+        splits, query, towers = "train,validation", "validation", TOWERS + ["train.clip_weight=0"]
+    data = ["--data", dataset, "--data-dir", tfds_dir]
+    _cli("data", "prepare", dataset, "--manual-dir", manual, "--data-dir", tfds_dir,
+         "--size", SIZE)
+    _cli("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_sets(DIFFUSION))
+    _cli("train-classifier", "--workdir", tmp_path / "classifier", *data, *_sets(DIFFUSION))
+    meta = json.loads((tmp_path / "classifier" / "meta.json").read_text())
+    assert len(meta["class_names"]) == 14 and meta["image_shape"] == [SIZE, SIZE, 1]
+
+    _heatmaps_two_processes(tmp_path, data, splits, out)
+    for split in splits.split(","):
+        _check_heatmaps(out, split, info["num_frontal"][split],
+                        _split_ids(dataset, tfds_dir, split))
+
+    _cli("train", "--workdir", tmp_path / "towers", *data, *_sets(towers),
+         "--set", f"data.heatmaps_dir={out}")
+    history = [json.loads(r) for r in open(tmp_path / "towers" / "metrics.jsonl")]
+    assert [r["step"] for r in history] == [3, 6]
+    assert all(np.isfinite(r["loss"]) for r in history)
+    if dataset == "chexpert_cxr":  # class-only: the loss is the class term alone
+        assert all(r["loss"] == pytest.approx(r["image_class"], rel=1e-6) for r in history)
+
+    result = tmp_path / "eval.json"
+    _cli("evaluate", "--towers", tmp_path / "towers", *data, "--query-split", query,
+         "--out", result)
+    metrics = json.loads(result.read_text())
+    assert metrics["dataset"] == dataset and metrics["num_films"] == info["num_frontal"][query]
+    assert 0.0 <= metrics["macro_auroc"] <= 1.0 and 0.0 <= metrics["i2i_P@10"] <= 1.0
+    assert ("i2t_R@5" in metrics) == (dataset == "mimic_cxr")
+    if dataset == "chexpert_cxr":  # CheXpert has no test split: the error lists the splits
+        with pytest.raises(ValueError, match="split 'test' is not in chexpert_cxr .*; its "
+                                             "splits: train, validation"):
+            cli.main(["evaluate", "--towers", str(tmp_path / "towers"), *map(str, data),
+                      "--out", str(result)])
+
+
+class _ZeroMaps:
+    """A stand-in translation for writing heatmap datasets quickly: zero maps, one channel."""
+
+    def settings(self):
+        return {"targets": ["No Finding"], "image_shape": [SIZE, SIZE, 1]}
+
+    def __call__(self, x):
+        return None, np.zeros((*np.shape(x)[:3], 1), np.float32)
+
+
+def test_bad_input_is_named_before_training(tmp_path):
+    """Heatmaps of another split or with another channel count, an unregistered dataset, an
+    absent split: each stops the command with an error that names it."""
+    import ml_collections
+
+    from daug_jax.data import registry
+    from daug_jax.heatmap_job import write_heatmap_dataset
+
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    make_mimic_synthetic_tree(manual, num_train=24, num_validation=4, num_test=8)
+    _cli("data", "prepare", "mimic_cxr", "--manual-dir", manual, "--data-dir", tfds_dir,
+         "--size", SIZE)
+    dataset = registry.open_dataset(ml_collections.ConfigDict(
+        dict(name="mimic_cxr", data_dir=str(tfds_dir), image_size=SIZE)))
+    for name, split in (("right", "train"), ("wrong", "test")):
+        write_heatmap_dataset(dataset.source(split), str(tmp_path / name / "train"), _ZeroMaps(),
+                              1.0, batch_size=4)
+
+    def train(maps, *extra):
+        return cli.main(["train", "--workdir", str(tmp_path / "towers"), "--data", "mimic_cxr",
+                         "--data-dir", str(tfds_dir), *_sets(TOWERS + list(extra)),
+                         "--set", f"data.heatmaps_dir={tmp_path / maps}"])
+
+    with pytest.raises(ValueError, match=r"has 8 records, the image split 24"):
+        train("wrong")
+    with pytest.raises(ValueError, match=r"1 channel\(s\) \['No Finding'\], the towers expect 2"):
+        train("right", "model.vision.in_channels=3")
+    assert not (tmp_path / "towers").exists()  # nothing was written
+    with pytest.raises(ValueError, match="unknown dataset 'nih'; registered datasets: "
+                                         "chexpert_cxr, mimic_cxr, synthetic_cxr"):
+        cli.main(["train-diffusion", "--data", "nih", "--data-dir", str(tfds_dir)])
+    with pytest.raises(ValueError, match="split 'validate' is not in mimic_cxr .*; its splits: "
+                                         "test, train, validation"):
+        dataset.source("validate")
