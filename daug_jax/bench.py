@@ -10,6 +10,8 @@ Measures, in one run on the default device(s):
     the matmul rate, and images/s;
   * the heatmap program (guided DDIM translation) compiled as one program vs dispatched from a
     Python loop, in images x target classes per second;
+  * the input pipeline: two-tower steps fed by the streaming pipeline from a TFDS split vs the
+    same steps fed from arrays already in memory (steps/s and their ratio);
   * peak host RSS, device memory statistics where the backend reports them, device kind and
     count, JAX version.
 Every time is the median of ``--repeats`` calls after warm-up, each ended by ``block_until_ready``.
@@ -41,7 +43,7 @@ from daug_jax.data.pipeline import ArraySource
 from daug_jax.losses import labels_and_mask
 from daug_jax.files import write_json
 
-PARTS = ("matmul", "unet", "towers", "heatmaps")
+PARTS = ("matmul", "unet", "towers", "heatmaps", "input")
 
 
 # ----------------------------------------------------------------------------- step builders
@@ -248,6 +250,63 @@ def bench_heatmaps(config: Any, size: int, batch: int, *, targets: str, level: i
     return out
 
 
+def bench_input(config: Any, data_config: Any, batch: int, steps: int, repeats: int,
+                mesh) -> dict:
+    """Two-tower train steps fed by the streaming pipeline vs the same steps fed from host
+    arrays already in memory: does the input keep up with the step?
+
+    The pipeline reads a TFDS ``synthetic_cxr`` split (built under ``data_config.data_dir`` if
+    missing), decodes, labels and tokenises in its background threads; the in-memory feed slices
+    pre-assembled arrays.  Returns steps/s of both and their ratio (pipeline / in memory).
+    """
+    from daug_jax import train as ttrain
+    from daug_jax.data import pipeline, registry
+
+    dataset = registry.open_dataset(data_config, image_size=int(data_config.image_size))
+    source = dataset.source("train")
+    if len(source) < batch * steps:
+        raise ValueError(f"bench input needs {batch * steps} films, the split has {len(source)}")
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = batch
+    reader = ttrain.make_reader(config, source, dataset.class_names)
+    first = reader(range(2 * batch))
+    with tempfile.TemporaryDirectory() as workdir:
+        step_fn, init_state, _ = towers_step(config, {**first, "labels": pipeline.read(
+            source, range(2 * batch))["labels"]}, workdir)
+        tokenizer = ttrain.make_tokenizer(config.model.text, (), workdir)
+    arrays = ttrain.tower_batch(config, tokenizer, reader(range(batch * steps)))
+    state = init_state(mesh)
+    compiled = compile_step(step_fn, state, parallel.shard_batch(
+        {k: v[:batch] for k, v in arrays.items()}, mesh), mesh)
+    holder = {"state": state}
+
+    def run(next_batch):
+        start = time.perf_counter()
+        for i in range(steps):
+            holder["state"], metrics = compiled(holder["state"],
+                                                parallel.shard_batch(next_batch(i), mesh))
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - start
+
+    def in_memory(i):
+        return {k: v[i * batch:(i + 1) * batch] for k, v in arrays.items()}
+
+    times = {"in_memory": [], "pipeline": []}
+    run(in_memory)  # warm-up: first calls, caches
+    for r in range(repeats):  # interleaved, so that both see the same machine load
+        times["in_memory"].append(run(in_memory))
+        stream = pipeline.train_batches(reader, batch, seed=r, num_threads=int(
+            config.train.get("input_threads", 2)))
+        times["pipeline"].append(run(lambda i: ttrain.tower_batch(config, tokenizer,
+                                                                   next(stream))))
+    out = {"batch": batch, "image_size": int(data_config.image_size), "steps": steps,
+           "dataset": dataset.name, "num_films": len(source), "times_s": times}
+    for name, values in times.items():
+        out[f"{name}_steps_per_s"] = steps / statistics.median(values)
+    out["ratio"] = out["pipeline_steps_per_s"] / out["in_memory_steps_per_s"]
+    return out
+
+
 def memory_stats() -> dict:
     """Peak host RSS (bytes) and, where the backend reports it, device memory in use and peak."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -291,6 +350,12 @@ def run(args: argparse.Namespace) -> dict:
             with tempfile.TemporaryDirectory() as workdir:
                 result["towers_train_step"] = bench_step(*towers_step(tcfg, data, workdir),
                                                          args.batch, args.repeats, mesh, matmul)
+        elif part == "input":
+            tcfg.data.update(image_size=args.input_size, data_dir=args.data_dir,
+                             num_train=max(64 if args.quick else 2048,
+                                           args.batch * args.input_steps))
+            result["input"] = bench_input(tcfg, tcfg.data, args.batch, args.input_steps,
+                                          args.repeats, mesh)
         else:
             result["heatmaps"] = bench_heatmaps(
                 dcfg, args.size, args.heatmap_batch, targets=args.targets, level=args.level,
@@ -321,6 +386,12 @@ def report(result: dict) -> str:
             lines.append(f"  heatmaps {name:<15} {h[name]['images_classes_per_s']:9.2f} "
                          f"images*classes/s")
         lines.append(f"  heatmaps compiled / python loop: {h['speedup']:.2f}x")
+    if "input" in result:
+        i = result["input"]
+        lines.append(f"  input pipeline            {i['pipeline_steps_per_s']:9.2f} steps/s vs "
+                     f"{i['in_memory_steps_per_s']:.2f} from arrays in memory = "
+                     f"{i['ratio']:.2f}x (two-tower step, batch {i['batch']}, "
+                     f"{i['image_size']} px, {i['dataset']})")
     mem = result["memory"]
     lines.append(f"  peak host RSS {mem['host_peak_rss_bytes'] / 2 ** 20:.0f} MiB"
                  + ("" if not mem["device"] else "; device peak " + ", ".join(
@@ -346,16 +417,22 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--level", type=int, default=None, help="heatmap encode level (500)")
     parser.add_argument("--ddim-steps", type=int, default=None, help="DDIM moves each way (10)")
     parser.add_argument("--heatmap-batch", type=int, default=None, help="heatmap batch (8)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="image size of the input-pipeline part (default 64)")
+    parser.add_argument("--input-steps", type=int, default=None,
+                        help="steps per timed run of the input-pipeline part (default 30)")
+    parser.add_argument("--data-dir", default=os.path.join("runs", "tfds"),
+                        help="where the input part's synthetic_cxr dataset is (built if missing)")
     parser.add_argument("--out", default=os.path.join("runs", "bench", "bench.json"))
     args = parser.parse_args(argv)
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
         parser.error(f"unknown --parts {unknown}; valid: {list(PARTS)}")
     defaults = dict(batch=32, size=32, repeats=10, matmul_n=2048, level=500, ddim_steps=10,
-                    heatmap_batch=8)
+                    heatmap_batch=8, input_size=64, input_steps=30)
     if args.quick:
         defaults.update(batch=4, size=32, repeats=2, matmul_n=256, level=100, ddim_steps=2,
-                        heatmap_batch=2)
+                        heatmap_batch=2, input_size=32, input_steps=3)
         # Tiny models: the smoke run checks the plumbing, not the speed of the real sizes.
         args.diffusion_set = ["unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
                               "classifier.ch=8", "classifier.channel_mult=(1,)",
@@ -368,7 +445,8 @@ def main(command: str, argv: list[str]) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("batch", "size", "repeats", "matmul_n", "ddim_steps", "heatmap_batch"):
+    for key in ("batch", "size", "repeats", "matmul_n", "ddim_steps", "heatmap_batch",
+                "input_size", "input_steps"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     args.parts = args.parts.split(",")

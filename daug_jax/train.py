@@ -450,8 +450,9 @@ def main(command: str, argv: list[str]) -> int:
     if uses_reports(config) and not dataset.has_reports:
         raise ValueError(f"{dataset.name} has no reports: train class-only towers with "
                          f"--set train.clip_weight=0")
-    source = dataset.source("train")
-    heatmaps = open_heatmaps(config, source, "train")
+    split = config.data.get("train_split", "train")
+    source = dataset.source(split)
+    heatmaps = open_heatmaps(config, source, split)
     _, history = train_towers(config, source, args.workdir, class_names=dataset.class_names,
                               heatmaps=heatmaps, until_step=args.until_step)
     if history:

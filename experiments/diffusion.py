@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Training films: any registered dataset (`--data NAME --data-dir DIR`); by default the
     # synthetic benchmark's training split, built under data_dir when missing.
     config.data = dict(name="synthetic_cxr", data_dir="runs/tfds", image_size=32, num_train=2048,
-                       num_validation=500, num_test=500, seed=0, label_policy="ignore")
+                       num_validation=500, num_test=500, seed=0, label_policy="ignore",
+                       train_split="train")
     # T = 1000 levels; cosine keeps more signal at mid levels than linear at 32x32, so an encode
     # level of L = 500 still preserves the anatomy the decoder is meant to keep.
     config.diffusion = dict(schedule="cosine", num_steps=1000)

@@ -1,17 +1,40 @@
-"""DAug on MIMIC-CXR-JPG at 224 px: the paper's setup, sized for one or more GPUs.
+"""DAug on MIMIC-CXR-JPG, the paper's setup, for one or more accelerators; read by every stage.
 
-Two heatmap targets -> the encoder sees [x0, h_effusion, h_anomaly], 3 channels, so the
-ImageNet-style 3-channel ResNet-50 stem is used unchanged.  "No Finding" translates towards
-healthy, giving an anomaly map for any finding; "Pleural Effusion" is the most frequent
-localized finding in MIMIC-CXR.
+    daug-jax data prepare mimic_cxr --manual-dir /data/mimic-cxr-jpg/2.0.0 --data-dir runs/tfds --size 256
+    daug-jax train-diffusion  --config mimic_cxr --workdir runs/mimic/diffusion
+    daug-jax train-classifier --config mimic_cxr --workdir runs/mimic/classifier
+    daug-jax heatmaps --config mimic_cxr --diffusion runs/mimic/diffusion \\
+        --classifier runs/mimic/classifier --out runs/mimic/heatmaps --splits train+validation,test
+    daug-jax train    --config mimic_cxr --workdir runs/mimic/towers
+    daug-jax evaluate --towers runs/mimic/towers --out runs/mimic/eval.json
 
-Build the dataset first (credentialed download, see ``daug_jax.data.mimic_cxr``):
+What follows the authors (github.com/drjinying/DAug; see README "Deviations"): 256 px films,
+ONE heatmap channel — the translation towards "No Finding" (an anomaly map) — so the image tower
+reads ``[x0, h]``; training on train + validate, testing on test; 14 CheXpert classes with
+uncertain labels read as negative; AdamW lr 2e-5, weight decay 0.01 (none on biases and norm
+scales), cosine schedule with 10 warmup steps, 10 epochs of batch 256 (32 x 8 GPUs); the hybrid
+weight w = 0.8 of their retrieval setting (0.7 in their classification setting); the
+Wolleb et al. diffusion recipe: linear schedule, T = 1000, UNet with 128 channels, multipliers
+(1, 1, 2, 2, 4, 4), 2 residual blocks, attention at 16 px, encode to L = 500, guided decode
+with classifier scale 100 over every level (500 DDIM moves each way).
 
-    daug-jax data prepare mimic_cxr --manual-dir /data/mimic-cxr-jpg/2.0.0 --data-dir runs/tfds
+Until pretrained CLIP towers land, the image tower is a ResNet-50 trained from scratch and the
+text tower a BERT from a local checkpoint directory (``model.text.path``) or from scratch.
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from daug_jax.data.real_common import CHEXPERT_CLASSES
+
+
+def _unet(ch: int) -> dict:
+    return dict(ch=ch, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                attention_resolutions=(16,), num_heads=4, norm_groups=32, dtype="bfloat16")
+
+
+def _diffusion_train(steps: int, save_every: int) -> dict:
+    return dict(steps=steps, batch_size=64, learning_rate=1e-4, warmup_steps=1000,
+                weight_decay=0.0, grad_clip=1.0, seed=0, save_every=save_every, log_every=100)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,62 +42,77 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = dict(
         name="mimic_cxr",
         data_dir="runs/tfds",
-        manual_dir="",  # where the PhysioNet files were placed (only needed to build)
-        image_size=224,
+        image_size=256,                        # every stage: no resampling between them
         report_section="findings+impression",  # or "findings", "impression"
-    )
-    config.data.num_train = config_dict.placeholder(int)  # None: the whole training split
-
-    # The diffusion model and the noise-aware classifier work at the encoder's resolution, so
-    # heatmaps need no resampling.  224 = 7 * 2^5 halves cleanly: five levels, 224 down to 14.
-    config.diffusion = dict(
-        image_size=224,
-        schedule="linear",
-        num_steps=1000,
-        unet=dict(ch=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                  attention_resolutions=(14,), num_heads=4, norm_groups=32, dtype="bfloat16"),
-        classifier=dict(ch=64, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2,
-                        attention_resolutions=(14,), num_heads=4, norm_groups=32,
-                        dtype="bfloat16", max_level=500),
-        train=dict(batch_size=64, steps=150_000, learning_rate=1e-4, ema_decay=0.9999),
+        train_split="train+validation",        # the authors train on train + validate
+        label_policy="zeros",                  # uncertain (-1) read as negative; blank masked
+        heatmaps_dir="runs/mimic/heatmaps",    # output of `daug-jax heatmaps --out`
     )
 
-    # Guided DDIM translation (encode to level L, decode with guidance), one map per target.
+    # ---------------------------------------------------------------- diffusion side
+    config.diffusion = dict(schedule="linear", num_steps=1000)
+    config.unet = _unet(128)
+    config.unet_train = _diffusion_train(steps=150_000, save_every=5_000)
+    config.unet_train.ema_decay = 0.9999
+    config.classifier = _unet(128)
+    config.classifier.max_level = 500          # trained where the decoder guides: t <= L
+    config.classifier_train = _diffusion_train(steps=50_000, save_every=5_000)
+
     config.heatmaps = dict(
-        targets=("Pleural Effusion", "No Finding"),
-        level=500,       # L = T / 2: keeps the anatomy, frees the finding to change
-        num_steps=25,    # respaced grid on [0, L]: 2 * 25 network calls per image and target
-        scale=3.0,       # guidance; stronger guidance spreads the change over the whole image
+        targets="No Finding",   # one channel: the translation towards healthy
+        level=500,              # L = T / 2
+        num_steps=500,          # every level from L down (the authors'); 50 is 10x cheaper
+        scale=100.0,            # the authors' classifier scale
         smooth_sigma=1.0,
-        batch_size=64,
+        batch_size=32,
+        shard_size=1024,
+        dtype="uint8",
+        calibration=dict(num_images=512, percentile=99.0),
+        localization=dict(cases_per_class=100, pool_size=5000, sweep_scales=(10.0, 30.0, 100.0),
+                          examples_per_class=2, batch_size=32),
     )
 
+    # ---------------------------------------------------------------- towers
     config.model = dict(
         vision=dict(
             preset="resnet50",
-            in_channels=3,       # 1 image + len(heatmaps.targets)
+            resnet={},
+            in_channels=2,       # [x0, h_NoFinding]
             fill="heatmaps",     # "repeat" for the image-only baseline of the ablation
             norm="group",
             dtype="bfloat16",
         ),
         text=dict(
-            path="",  # path to a local HF BERT checkpoint dir (config.json, model.safetensors,
-                      # tokenizer files), e.g. a downloaded CXR-BERT or BioClinicalBERT
+            path="",  # a local HF BERT checkpoint dir (config.json, model.safetensors, tokenizer
+                      # files), e.g. a downloaded CXR-BERT; "" trains this BERT from scratch:
+            vocab_size=30_000,
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_size=3072,
+            dropout=0.1,
             pooling="cls",
-            max_length=128,
+            max_length=154,      # the authors' text length
             dtype="bfloat16",
         ),
         embed_dim=512,
+        class_names=CHEXPERT_CLASSES,
     )
 
+    # 10 epochs of the ~239k frontal train + validate films at batch 256: ~9,400 steps.
     config.train = dict(
-        batch_size=256,        # global, split over the devices of the data mesh
-        steps=20_000,
-        lr=1e-4,
-        warmup=1_000,
-        weight_decay=0.05,
-        class_weight=1.0,      # lambda of the image-class term; 0 gives the CLIP-only loss
-        checkpoint_every=1_000,
+        batch_size=256,          # global, split over the devices of the data mesh
+        steps=9_400,
+        lr=2e-5,
+        warmup=10,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        clip_weight=0.8,         # w of w * L_image-text + (1 - w) * L_image-class
+        checkpoint_every=500,
+        log_every=50,
         seed=0,
+        prng_impl="threefry2x32",
+        compiler_options={},
+        input_threads=8,
     )
     return config

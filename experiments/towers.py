@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_test=500,
         image_size=32,
         seed=0,
+        train_split="train",   # or a union, e.g. "train+validation" (the paper's training set)
         # Uncertain (-1) labels: "ignore" (masked), "ones" or "zeros"; blank ones always masked.
         label_policy="ignore",
         # Output directory of `daug-jax heatmaps` (split subfolders), read when

@@ -148,6 +148,17 @@ def _write_csv(path: pathlib.Path, columns, rows, gz: bool) -> None:
         path.write_text(text.getvalue())
 
 
+def _write_mimic_csvs(root: pathlib.Path, split_rows, meta_rows, label_rows) -> None:
+    """The split, metadata and CheXpert-label CSVs of MIMIC-CXR-JPG, gzipped."""
+    _write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ("dicom_id", "study_id", "subject_id",
+                                                      "split"), split_rows, gz=True)
+    _write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_METADATA_COLUMNS, meta_rows,
+               gz=True)
+    _write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ("subject_id", "study_id",
+                                                         *MIMIC_LABEL_COLUMNS), label_rows,
+               gz=True)
+
+
 def make_mimic_tree(root: pathlib.Path) -> dict[str, int]:
     """Writes the MIMIC-CXR-JPG + reports fixture under ``root``; returns {dicom_id: grey level}."""
     split_rows, meta_rows, label_rows, levels = [], [], [], {}
@@ -166,13 +177,7 @@ def make_mimic_tree(root: pathlib.Path) -> dict[str, int]:
             meta_rows.append([dicom, subject, study, "CHEST (PA AND LAT)", view, "3056", "2544",
                               "21800506", "213014.531", "CHEST (PA AND LAT)", "postero-anterior",
                               "Erect"])
-    _write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ("dicom_id", "study_id", "subject_id",
-                                                      "split"), split_rows, gz=True)
-    _write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_METADATA_COLUMNS, meta_rows,
-               gz=True)
-    _write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ("subject_id", "study_id",
-                                                         *MIMIC_LABEL_COLUMNS), label_rows,
-               gz=True)
+    _write_mimic_csvs(root, split_rows, meta_rows, label_rows)
     return levels
 
 
@@ -304,13 +309,7 @@ def make_mimic_synthetic_tree(root: pathlib.Path, *, num_train: int, num_validat
                 cells=cells, report=f"{findings} {impression}")
             index += 1
         first += studies[-1][0] + 1 if studies else 0  # no patient is in two splits
-    _write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ("dicom_id", "study_id", "subject_id",
-                                                      "split"), split_rows, gz=True)
-    _write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_METADATA_COLUMNS, meta_rows,
-               gz=True)
-    _write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ("subject_id", "study_id",
-                                                         *MIMIC_LABEL_COLUMNS), label_rows,
-               gz=True)
+    _write_mimic_csvs(root, split_rows, meta_rows, label_rows)
     return out
 
 

@@ -17,7 +17,8 @@ def _positive(value) -> bool:
 def test_quick_bench_writes_every_measurement(tmp_path_factory):
     cache = str(tmp_path_factory.getbasetemp() / "jax-cache")
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    printed = _subproc.run(_subproc.CLI + ["bench", "--quick", "--out", str(out)],
+    printed = _subproc.run(_subproc.CLI + ["bench", "--quick", "--out", str(out), "--data-dir",
+                                           str(out.parent / "tfds")],
                            _subproc.jax_env(cache), str(out) + ".log", timeout=420)
     result = json.loads(out.read_text())
 
@@ -43,6 +44,11 @@ def test_quick_bench_writes_every_measurement(tmp_path_factory):
     for name in ("compiled", "python_loop"):
         assert _positive(h[name]["images_classes_per_s"]) and _positive(h[name]["median_s"])
     assert _positive(h["speedup"])
+    i = result["input"]
+    assert i["dataset"] == "synthetic_cxr" and i["batch"] == 4 and i["steps"] == 3
+    assert _positive(i["pipeline_steps_per_s"]) and _positive(i["in_memory_steps_per_s"])
+    assert math.isclose(i["ratio"], i["pipeline_steps_per_s"] / i["in_memory_steps_per_s"])
+    assert "input pipeline" in printed
     assert result["memory"]["host_peak_rss_bytes"] > 2 ** 20
     # The printed summary carries the same numbers.
     assert "UNet train step" in printed and "two-tower step" in printed

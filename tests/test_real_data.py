@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 import fixtures_real as fx
 from daug_jax import cli
@@ -188,7 +189,7 @@ def test_mimic_rebuild_is_idempotent(mimic_manual, tmp_path):
 def test_mimic_build_past_the_shuffle_buffer_in_bounded_shards(mimic_manual, tmp_path,
                                                               monkeypatch):
     """A GeneratorBasedBuilder would spill its first record through TensorFlow (absent)."""
-    monkeypatch.setattr(tfds.core.shuffle, "MAX_MEM_BUFFER_SIZE", 1)
+    monkeypatch.setattr(tfds_shuffle, "MAX_MEM_BUFFER_SIZE", 1)
     monkeypatch.setattr(rc, "MAX_SHARD_RECORDS", 2)
     manual, levels = mimic_manual
     config = mimic_cxr.MimicCxrConfig(image_size=16)
@@ -315,7 +316,15 @@ def test_cli_prepare_builds_chexpert(chexpert_manual, tmp_path, capsys):
     assert "chexpert_cxr/16px validation: 1 records" in out
 
 
-def test_mimic_experiment_config_matches_the_builder(tmp_path):
+def test_mimic_experiment_config_is_read_by_every_stage(tmp_path):
+    """experiments/mimic_cxr.py holds what each stage reads (shapes only: nothing is trained)."""
+    import jax
+    import jax.numpy as jnp
+
+    from daug_jax import train as ttrain
+    from daug_jax.diffusion import train as dtrain
+    from daug_jax.heatmaps import parse_targets
+
     config = load_config(str(pathlib.Path(__file__).parents[1] / "experiments" / "mimic_cxr.py"))
     data = ml_collections.ConfigDict(dict(data_dir=str(tmp_path),
                                           report_section=config.data.report_section))
@@ -325,7 +334,25 @@ def test_mimic_experiment_config_matches_the_builder(tmp_path):
     assert builder.builder_config.report_section == config.data.report_section
     with pytest.raises(ValueError, match="unknown dataset 'chexpert'"):
         registry.make_builder("chexpert", data, 224)
-    targets = list(config.heatmaps.targets)
-    assert len(targets) == 2 and set(targets) <= set(rc.CHEXPERT_CLASSES)
-    assert config.model.vision.in_channels == 1 + len(targets) == 3
-    assert config.diffusion.image_size == config.data.image_size
+    size = config.data.image_size
+    assert size == 256 and config.data.train_split == "train+validation"
+    # The diffusion side: UNet and classifier at the dataset's size.
+    x, t = jnp.zeros((1, size, size, 1)), jnp.zeros((1,), jnp.int32)
+    for module in (dtrain.make_unet(config), dtrain.make_classifier(config, 14)):
+        variables = jax.eval_shape(module.init, jax.random.key(0), x, t)
+        assert jax.eval_shape(module.apply, variables, x, t).shape[0] == 1
+    dtrain._spec(config, "classifier", num_classes=14)  # max_level within [0, T)
+    # One heatmap channel, towards "No Finding" (the authors' DAug channel).
+    targets = parse_targets(config.heatmaps.targets, rc.CHEXPERT_CLASSES)
+    assert [t.spec for t in targets] == ["No Finding"]
+    assert config.model.vision.in_channels == 1 + len(targets) == 2
+    # The towers: ResNet-50 on [x0, h], BERT from scratch at the authors' text length.
+    model = ttrain.build_two_tower(config.model, ttrain.bert_config(config.model.text, 30_000))
+    ids = jnp.zeros((1, config.model.text.max_length), jnp.int32)
+    cls = jnp.zeros((14, config.model.text.max_length), jnp.int32)
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 2)), ids, ids, cls,
+                   cls)
+    assert ttrain.class_columns(config.model.class_names, rc.CHEXPERT_CLASSES) == list(range(14))
+    _, schedule = ttrain.make_optimizer(config.train)
+    assert float(schedule(10)) == pytest.approx(2e-5) and config.train.weight_decay == 0.01
+    assert ttrain.uses_reports(config) and config.train.clip_weight == 0.8

@@ -122,7 +122,8 @@ class MimicCxr(tfds.core.ShardBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [MimicCxrConfig(image_size=224), MimicCxrConfig(image_size=64)]
+    BUILDER_CONFIGS = [MimicCxrConfig(image_size=224), MimicCxrConfig(image_size=64),
+                       MimicCxrConfig(image_size=256)]  # 256: the paper's size
     DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     Needs a credentialed PhysioNet account (https://physionet.org).  Into the manual directory put

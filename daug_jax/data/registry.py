@@ -111,10 +111,12 @@ class Dataset:
         return tuple(int(s) for s in self.builder.info.features["image"].shape)
 
     def source(self, split: str):
-        """Random-access source of ``split``; an absent split names the splits that exist."""
-        if split not in self.builder.info.splits:
-            raise ValueError(f"split {split!r} is not in {self.name} under "
-                             f"{self.builder.data_dir}; its splits: {', '.join(self.splits)}")
+        """Random-access source of ``split`` ("train", or a union such as "train+validation",
+        records in that order); an absent split names the splits that exist."""
+        for part in split.split("+"):
+            if part.strip() not in self.builder.info.splits:
+                raise ValueError(f"split {part.strip()!r} is not in {self.name} under "
+                                 f"{self.builder.data_dir}; its splits: {', '.join(self.splits)}")
         return self.builder.as_data_source(split=split)
 
 
