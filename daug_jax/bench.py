@@ -99,6 +99,7 @@ def towers_step(config: Any, data: dict, workdir: str, *,
     data: records like `synthetic.generate` output; workdir: where the learnt tokenizer is saved
     (and reloaded from, if there).  ``init_config`` as in `unet_step`.
     """
+    from daug_jax import tower_inputs
     from daug_jax import train as ttrain
     from daug_jax.models import text as text_lib
     from daug_jax.models.two_tower import build_two_tower, class_prompts
@@ -106,9 +107,9 @@ def towers_step(config: Any, data: dict, workdir: str, *,
     init_config = init_config or config
     text_cfg = config.model.text
     source = ArraySource({k: data[k] for k in ("image", "labels", "report", "id")})
-    reader = ttrain.make_reader(config, source, synthetic.CLASS_NAMES)
-    tokenizer = ttrain.make_tokenizer(text_cfg, ttrain.report_corpus(reader), workdir)
-    arrays = ttrain.tower_batch(config, tokenizer, reader(range(len(source))))
+    reader = tower_inputs.make_reader(config, source, synthetic.CLASS_NAMES)
+    tokenizer = tower_inputs.make_tokenizer(text_cfg, tower_inputs.report_corpus(reader), workdir)
+    arrays = tower_inputs.tower_batch(config, tokenizer, reader(range(len(source))))
     length = int(text_cfg.max_length)
     class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
         tokenizer, class_prompts(list(config.model.class_names)), length))
@@ -259,7 +260,7 @@ def bench_input(config: Any, data_config: Any, batch: int, steps: int, repeats: 
     missing), decodes, labels and tokenises in its background threads; the in-memory feed slices
     pre-assembled arrays.  Returns steps/s of both and their ratio (pipeline / in memory).
     """
-    from daug_jax import train as ttrain
+    from daug_jax import tower_inputs
     from daug_jax.data import pipeline, registry
 
     dataset = registry.open_dataset(data_config, image_size=int(data_config.image_size))
@@ -268,13 +269,13 @@ def bench_input(config: Any, data_config: Any, batch: int, steps: int, repeats: 
         raise ValueError(f"bench input needs {batch * steps} films, the split has {len(source)}")
     config = config.copy_and_resolve_references()
     config.train.batch_size = batch
-    reader = ttrain.make_reader(config, source, dataset.class_names)
+    reader = tower_inputs.make_reader(config, source, dataset.class_names)
     first = reader(range(2 * batch))
     with tempfile.TemporaryDirectory() as workdir:
         step_fn, init_state, _ = towers_step(config, {**first, "labels": pipeline.read(
             source, range(2 * batch))["labels"]}, workdir)
-        tokenizer = ttrain.make_tokenizer(config.model.text, (), workdir)
-    arrays = ttrain.tower_batch(config, tokenizer, reader(range(batch * steps)))
+        tokenizer = tower_inputs.make_tokenizer(config.model.text, (), workdir)
+    arrays = tower_inputs.tower_batch(config, tokenizer, reader(range(batch * steps)))
     state = init_state(mesh)
     compiled = compile_step(step_fn, state, parallel.shard_batch(
         {k: v[:batch] for k, v in arrays.items()}, mesh), mesh)
@@ -297,7 +298,7 @@ def bench_input(config: Any, data_config: Any, batch: int, steps: int, repeats: 
         times["in_memory"].append(run(in_memory))
         stream = pipeline.train_batches(reader, batch, seed=r, num_threads=int(
             config.train.get("input_threads", 2)))
-        times["pipeline"].append(run(lambda i: ttrain.tower_batch(config, tokenizer,
+        times["pipeline"].append(run(lambda i: tower_inputs.tower_batch(config, tokenizer,
                                                                    next(stream))))
     out = {"batch": batch, "image_size": int(data_config.image_size), "steps": steps,
            "dataset": dataset.name, "num_films": len(source), "times_s": times}

@@ -20,7 +20,8 @@ from daug_jax import metrics
 from daug_jax.data.pipeline import ordered_batches, pad_rows
 from daug_jax.models import text as text_lib
 from daug_jax.models.two_tower import TwoTower, class_prompts
-from daug_jax.train import load_towers, make_reader, tower_batch
+from daug_jax.tower_inputs import make_reader, tower_batch
+from daug_jax.train import load_towers
 
 _BATCH = 256  # records encoded per call; the last chunk is padded to keep one compiled shape
 
@@ -102,7 +103,7 @@ def main(command: str, argv: list[str]) -> int:
     from daug_jax.config import apply_overrides
     from daug_jax.data import registry
     from daug_jax.files import write_json
-    from daug_jax.train import open_heatmaps
+    from daug_jax.tower_inputs import open_heatmaps
 
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
                                      description=__doc__.splitlines()[0])

@@ -321,6 +321,7 @@ def test_mimic_experiment_config_is_read_by_every_stage(tmp_path):
     import jax
     import jax.numpy as jnp
 
+    from daug_jax import tower_inputs
     from daug_jax import train as ttrain
     from daug_jax.diffusion import train as dtrain
     from daug_jax.heatmaps import parse_targets
@@ -352,7 +353,7 @@ def test_mimic_experiment_config_is_read_by_every_stage(tmp_path):
     cls = jnp.zeros((14, config.model.text.max_length), jnp.int32)
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 2)), ids, ids, cls,
                    cls)
-    assert ttrain.class_columns(config.model.class_names, rc.CHEXPERT_CLASSES) == list(range(14))
+    assert tower_inputs.class_columns(config.model.class_names, rc.CHEXPERT_CLASSES) == list(range(14))
     _, schedule = ttrain.make_optimizer(config.train)
     assert float(schedule(10)) == pytest.approx(2e-5) and config.train.weight_decay == 0.01
-    assert ttrain.uses_reports(config) and config.train.clip_weight == 0.8
+    assert tower_inputs.uses_reports(config) and config.train.clip_weight == 0.8

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from daug_jax import train
+from daug_jax import tower_inputs, train
 from daug_jax.config import load_config
 from daug_jax.data import synthetic
 from daug_jax.data.pipeline import ArraySource
@@ -135,10 +135,10 @@ def _lowered_step(config, data, workdir, heatmaps=None):
     from daug_jax import parallel
     from daug_jax.models import text as text_lib
 
-    reader = train.make_reader(config, _src(data), synthetic.CLASS_NAMES, heatmaps)
-    tokenizer = train.make_tokenizer(config.model.text, train.report_corpus(reader), workdir)
+    reader = tower_inputs.make_reader(config, _src(data), synthetic.CLASS_NAMES, heatmaps)
+    tokenizer = tower_inputs.make_tokenizer(config.model.text, tower_inputs.report_corpus(reader), workdir)
     length = int(config.model.text.max_length)
-    arrays = train.tower_batch(config, tokenizer, reader(range(len(data["id"]))))
+    arrays = tower_inputs.tower_batch(config, tokenizer, reader(range(len(data["id"]))))
     class_tokens = text_lib.tokenize(tokenizer, class_prompts(list(config.model.class_names)),
                                      length)
     model = train.build_two_tower(config.model, train.bert_config(config.model.text,

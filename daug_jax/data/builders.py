@@ -3,8 +3,8 @@
 Stored as array_record (random access, no TensorFlow needed): pixels as uint8 tensors, masks and
 sites as bool tensors.  Records are in index order, written shard by shard with no shuffle (a
 ``ShardBasedBuilder``: the shuffler of ``GeneratorBasedBuilder`` needs TensorFlow past 1 GB).
-Read back with ``tfds.builder(...).as_data_source()`` and batch with
-`daug_jax.data.pipeline.Loader`.
+Read back with ``tfds.builder(...).as_data_source()`` (or by name through
+`daug_jax.data.registry`) and batch with `daug_jax.data.pipeline.train_batches`.
 
     builder = SyntheticCxr(config=SyntheticCxrConfig(image_size=64, num_train=2000), data_dir=d)
     builder.download_and_prepare()
