@@ -101,6 +101,18 @@ def test_every_stage_by_cli(dataset, tmp_path):
     meta = json.loads((tmp_path / "classifier" / "meta.json").read_text())
     assert len(meta["class_names"]) == 14 and meta["image_shape"] == [SIZE, SIZE, 1]
 
+    models = ["--diffusion", tmp_path / "diffusion", "--classifier", tmp_path / "classifier"]
+    if dataset == "mimic_cxr":
+        # The pointing game needs lesion masks: refused on MIMIC, scored on synthetic films.
+        with pytest.raises(ValueError, match="mimic_cxr has no lesion masks"):
+            cli.main(["localize", *map(str, models + data)])
+        _cli("localize", *models, "--data", "synthetic_cxr", "--data-dir", tfds_dir,
+             "--out", tmp_path / "loc", "--sweep", "1", *_sets(HEATMAPS + [
+                 "data.num_train=16", "data.num_validation=4", "data.num_test=48",
+                 "heatmaps.localization.cases_per_class=2", "heatmaps.localization.pool_size=48",
+                 "heatmaps.localization.examples_per_class=1"]))
+        loc = json.loads((tmp_path / "loc" / "localization.json").read_text())
+        assert loc["settings"]["dataset"] == "synthetic_cxr" and loc["anomaly"]["n"] > 0
     _heatmaps_two_processes(tmp_path, data, splits, out)
     for split in splits.split(","):
         _check_heatmaps(out, split, info["num_frontal"][split],
