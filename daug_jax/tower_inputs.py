@@ -65,8 +65,7 @@ def make_reader(config: ml_collections.ConfigDict, source: Any, data_classes: Se
         raise ValueError('model.vision.fill is "heatmaps" but no heatmap dataset was given '
                          "(set data.heatmaps_dir)")
     return BatchReader(source, label_columns=columns,
-                       label_policy=config.data.get("label_policy", None)
-                       or config.train.get("label_policy", "ignore"),
+                       label_policy=config.data.get("label_policy", "ignore"),
                        reports=uses_reports(config) if reports is None else reports,
                        heatmaps=heatmaps if use_maps else None)
 

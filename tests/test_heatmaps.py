@@ -168,6 +168,9 @@ def test_dataset_job_resumes_to_the_uninterrupted_result(tmp_path):
     with pytest.raises(ValueError, match=r"2 channel\(s\) \['Left', 'no:Right'\], the towers "
                                          r"expect 1"):
         maps.check_matches(source, 1)
+    small = ArraySource({**source.arrays, "image": source.arrays["image"][:, :H // 2]})
+    with pytest.raises(ValueError, match=rf"the heatmaps are {H}x{W}, the images {H // 2}x{W}"):
+        maps.check_matches(small, 2)
     with pytest.raises(ValueError, match="has 10 records, the image split 9"):
         maps.check_matches(ArraySource({k: v[:9] for k, v in source.arrays.items()}), 2)
 

@@ -7,8 +7,8 @@ that encodes images with TensorFlow).  One record per image, frontal views by de
 
 CheXpert ships no reports: ``report`` is "" in every record, and the text side of training sees
 only the class prompts ("a chest X-ray showing pleural effusion"), i.e. the image-class part of
-the hybrid loss.  Use it for classification, or with ``class_weight`` > 0 and no image-text
-term; image-report retrieval needs MIMIC-CXR.
+the hybrid loss: train its towers class-only, ``train.clip_weight=0``; image-report retrieval
+needs MIMIC-CXR.
 
     builder = ChexpertCxr(config=ChexpertCxrConfig(image_size=224), data_dir="runs/tfds")
     builder.download_and_prepare(
