@@ -30,18 +30,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
-    lines = ["usage: daug-jax <command> [options]", "", "commands:"]
+    lines = ["usage: daug-jax [--debug] <command> [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
     return "\n".join(lines)
 
 
+# What a user's mistake raises (bad arguments, unknown names, missing or mismatched inputs,
+# invalid config values): reported as one line.  Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, PermissionError)
+
+
+def _message(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; user errors end as ``daug-jax <command>: error: ...`` and exit status 2
+    (``--debug`` anywhere on the line shows their traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     for n_words in (2, 1):
         name = " ".join(argv[:n_words])
         if len(argv) >= n_words and name in COMMANDS:
             module = importlib.import_module(COMMANDS[name][0])
-            return int(module.main(name, argv[n_words:]) or 0)
+            try:
+                return int(module.main(name, argv[n_words:]) or 0)
+            except USER_ERRORS as err:
+                if debug:
+                    raise
+                print(f"daug-jax {name}: error: {_message(err)}", file=sys.stderr)
+                return 2
     print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
     return 0 if argv and argv[0] in ("-h", "--help") else 2
 

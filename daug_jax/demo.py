@@ -234,11 +234,13 @@ def main(command: str, argv: list[str]) -> int:
                         help="override a field of experiments/demo.py, e.g. --set seeds=(0,1)")
     args = parser.parse_args(argv)
     parallel.maybe_initialize_distributed()
-    from daug_jax.config import apply_overrides
+    from daug_jax.config import apply_overrides, validate
     from experiments import demo as demo_config
 
     config = demo_config.get_config(quick=args.quick)
     apply_overrides(config, args.set)
+    validate(config)
+    validate(config.diffusion)
     if args.out:
         config.out = args.out
     start = time.perf_counter()

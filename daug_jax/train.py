@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from daug_jax import files, parallel
 from daug_jax.checkpoint import Checkpointer
+from daug_jax.guard import check_finite, keep_if_finite
 from daug_jax.data import synthetic
 from daug_jax.data.pipeline import train_batches
 from daug_jax.losses import hybrid_contrastive_loss
@@ -110,8 +111,11 @@ def step_constants(class_tokens: tuple, config: Any) -> dict:
 
 
 def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    key: jax.Array):
+                    key: jax.Array, *, skip_nonfinite: bool = False):
     """``train_step(state, batch, consts) -> (state, metrics)``, pure; jit it with the mesh shardings.
+
+    skip_nonfinite: a step with a non-finite loss or gradient norm leaves parameters, batch
+    statistics and optimizer state unchanged and reports ``skipped`` = 1 (`guard.keep_if_finite`).
 
     batch: image [B, H, W, in_channels] (from `tower_batch`), input_ids / attention_mask [B, L],
     labels / label_mask [B, C']; consts: `step_constants` (replicated).  Metrics: float32 scalars.
@@ -140,10 +144,15 @@ def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule:
             loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, **parts, **scalars, "grad_norm": grad_norm,
+                   "lr": schedule(state.step)}
+        if skip_nonfinite:
+            (params, batch_stats, opt_state), metrics["skipped"] = keep_if_finite(
+                loss, grad_norm, (params, batch_stats, opt_state),
+                (state.params, state.batch_stats, state.opt_state))
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
-        metrics = {"loss": loss, **parts, **scalars, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step)}
         return new_state, metrics
 
     return train_step
@@ -230,14 +239,16 @@ def train_towers(config: ml_collections.ConfigDict, source: Any, workdir: str, *
     history = _read_history(log_path, start)
 
     consts = parallel.replicate(step_constants(class_tokens, config), mesh)
-    step_fn = jax.jit(make_train_step(model, tx, schedule, step_key),
+    step_fn = jax.jit(make_train_step(model, tx, schedule, step_key,
+                                      skip_nonfinite=bool(train_cfg.get("skip_nonfinite", False))),
                       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
                                     parallel.replicated(mesh)),
                       out_shardings=parallel.replicated(mesh), donate_argnums=0,
                       compiler_options=_compiler_options(config))
     steps = int(train_cfg.steps)
     stop = steps if until_step is None else min(int(until_step), steps)
-    log_every, pending, tick = max(1, int(train_cfg.get("log_every", 50))), [], time.time()
+    log_every, every = max(1, int(train_cfg.get("log_every", 50))), int(train_cfg.checkpoint_every)
+    pending, interval, tick, saved = [], [], time.time(), start or None
     with tqdm(range(start, stop), initial=start, total=steps, desc="train towers",
               unit="step", disable=not progress) as bar:
         for step in bar:
@@ -246,19 +257,28 @@ def train_towers(config: ml_collections.ConfigDict, source: Any, workdir: str, *
             state, metrics = step_fn(state, parallel.shard_batch(host, mesh), consts)
             pending.append(metrics)  # device scalars: read once per interval, not every step
             done = step + 1
-            if done % log_every == 0 or done == stop:
-                values = jax.device_get(pending)
-                record = {"step": done, **{k: float(np.mean([v[k] for v in values]))
-                                           for k in values[0]}}
-                record["sec_per_step"] = (time.time() - tick) / len(values)
+            logs, saves = done % log_every == 0 or done == stop, done % every == 0 or done == stop
+            if not (logs or saves):
+                continue
+            # Checked before anything is saved: a checkpoint never holds a non-finite update.
+            rows = [{"step": done - len(pending) + 1 + i, **{k: float(v) for k, v in m.items()}}
+                    for i, m in enumerate(jax.device_get(pending))]
+            check_finite(rows, name="train", workdir=workdir, last_saved=saved)
+            interval, pending = interval + rows, []
+            if logs:
+                record = {"step": done, **{k: float(np.mean([r[k] for r in interval]))
+                                           for k in interval[0] if k != "step"}}
+                if "skipped" in record:
+                    record["skipped"] = int(sum(r["skipped"] for r in interval))
+                record["sec_per_step"] = (time.time() - tick) / len(interval)
                 history.append(record)
                 _write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
                 bar.set_postfix(image_text=f"{record['image_text']:.3f}",
                                 image_class=f"{record['image_class']:.3f}")
-                pending, tick = [], time.time()
-            ckpt.save(done, state, meta)
-    if stop > start and ckpt.latest_step() != stop:
-        ckpt.save(stop, state, meta, force=True)
+                interval, tick = [], time.time()
+            if saves and ckpt.latest_step() != done:
+                ckpt.save(done, state, meta, force=True)
+                saved = done
     ckpt.close()
     return state, history
 

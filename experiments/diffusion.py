@@ -18,7 +18,9 @@ def _model(ch, channel_mult, num_res_blocks):
 
 def _train(steps, learning_rate, save_every):
     return dict(steps=steps, batch_size=32, learning_rate=learning_rate, warmup_steps=100,
-                weight_decay=0.0, grad_clip=1.0, seed=0, save_every=save_every, log_every=25)
+                weight_decay=0.0, grad_clip=1.0, seed=0, save_every=save_every, log_every=25,
+                # Non-finite loss or gradient: stop with an error (False) or skip the step.
+                skip_nonfinite=False)
 
 
 def get_config() -> ml_collections.ConfigDict:

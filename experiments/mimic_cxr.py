@@ -34,7 +34,8 @@ def _unet(ch: int) -> dict:
 
 def _diffusion_train(steps: int, save_every: int) -> dict:
     return dict(steps=steps, batch_size=64, learning_rate=1e-4, warmup_steps=1000,
-                weight_decay=0.0, grad_clip=1.0, seed=0, save_every=save_every, log_every=100)
+                weight_decay=0.0, grad_clip=1.0, seed=0, save_every=save_every, log_every=100,
+                skip_nonfinite=False)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -109,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         clip_weight=0.8,         # w of w * L_image-text + (1 - w) * L_image-class
         checkpoint_every=500,
+        skip_nonfinite=False,
         log_every=50,
         seed=0,
         prng_impl="threefry2x32",

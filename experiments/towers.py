@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
         # Loss w * L_image-text + (1 - w) * L_image-class: 1 = CLIP only, 0 = class term only.
         clip_weight=0.5,
         checkpoint_every=100,
+        skip_nonfinite=False,  # non-finite loss or gradient: stop with an error, or skip the step
         log_every=10,
         seed=0,
         # RBG keys compile several times faster than threefry on CPU; both are deterministic on

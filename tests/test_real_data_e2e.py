@@ -8,6 +8,7 @@ The trees are synthetic films written in the datasets' own layouts (tests/fixtur
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -41,6 +42,14 @@ def _sets(items):
 
 def _cli(*argv):
     assert cli.main([str(a) for a in argv]) == 0
+
+
+def _user_error(capsys, pattern, *argv):
+    """The command fails with status 2 and one line ``daug-jax <command>: error: ...``."""
+    capsys.readouterr()
+    assert cli.main([str(a) for a in argv]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"daug-jax [a-z -]+: error: ", last) and re.search(pattern, last), last
 
 
 def _heatmaps_two_processes(tmp, data, splits, out):
@@ -85,7 +94,7 @@ def _split_ids(name, data_dir, split):
 
 
 @pytest.mark.parametrize("dataset", ["mimic_cxr", "chexpert_cxr"])
-def test_every_stage_by_cli(dataset, tmp_path):
+def test_every_stage_by_cli(dataset, tmp_path, capsys):
     manual, tfds_dir, out = tmp_path / "manual", tmp_path / "tfds", tmp_path / "heatmaps"
     if dataset == "mimic_cxr":
         info = make_mimic_synthetic_tree(manual, num_train=80, num_validation=16, num_test=40)
@@ -104,8 +113,7 @@ def test_every_stage_by_cli(dataset, tmp_path):
     models = ["--diffusion", tmp_path / "diffusion", "--classifier", tmp_path / "classifier"]
     if dataset == "mimic_cxr":
         # The pointing game needs lesion masks: refused on MIMIC, scored on synthetic films.
-        with pytest.raises(ValueError, match="mimic_cxr has no lesion masks"):
-            cli.main(["localize", *map(str, models + data)])
+        _user_error(capsys, "mimic_cxr has no lesion masks", "localize", *models, *data)
         _cli("localize", *models, "--data", "synthetic_cxr", "--data-dir", tfds_dir,
              "--out", tmp_path / "loc", "--sweep", "1", *_sets(HEATMAPS + [
                  "data.num_train=16", "data.num_validation=4", "data.num_test=48",
@@ -134,10 +142,9 @@ def test_every_stage_by_cli(dataset, tmp_path):
     assert 0.0 <= metrics["macro_auroc"] <= 1.0 and 0.0 <= metrics["i2i_P@10"] <= 1.0
     assert ("i2t_R@5" in metrics) == (dataset == "mimic_cxr")
     if dataset == "chexpert_cxr":  # CheXpert has no test split: the error lists the splits
-        with pytest.raises(ValueError, match="split 'test' is not in chexpert_cxr .*; its "
-                                             "splits: train, validation"):
-            cli.main(["evaluate", "--towers", str(tmp_path / "towers"), *map(str, data),
-                      "--out", str(result)])
+        _user_error(capsys, "split 'test' is not in chexpert_cxr .*; its splits: train, "
+                    "validation", "evaluate", "--towers", tmp_path / "towers", *data,
+                    "--out", result)
 
 
 class _ZeroMaps:
@@ -150,7 +157,7 @@ class _ZeroMaps:
         return None, np.zeros((*np.shape(x)[:3], 1), np.float32)
 
 
-def test_bad_input_is_named_before_training(tmp_path):
+def test_bad_input_is_named_before_training(tmp_path, capsys):
     """Heatmaps of another split or with another channel count, an unregistered dataset, an
     absent split: each stops the command with an error that names it."""
     import ml_collections
@@ -168,19 +175,17 @@ def test_bad_input_is_named_before_training(tmp_path):
         write_heatmap_dataset(dataset.source(split), str(tmp_path / name / "train"), _ZeroMaps(),
                               1.0, batch_size=4)
 
-    def train(maps, *extra):
-        return cli.main(["train", "--workdir", str(tmp_path / "towers"), "--data", "mimic_cxr",
-                         "--data-dir", str(tfds_dir), *_sets(TOWERS + list(extra)),
-                         "--set", f"data.heatmaps_dir={tmp_path / maps}"])
+    def train(pattern, maps, *extra):
+        _user_error(capsys, pattern, "train", "--workdir", tmp_path / "towers", "--data",
+                    "mimic_cxr", "--data-dir", tfds_dir, *_sets(TOWERS + list(extra)),
+                    "--set", f"data.heatmaps_dir={tmp_path / maps}")
 
-    with pytest.raises(ValueError, match=r"has 8 records, the image split 24"):
-        train("wrong")
-    with pytest.raises(ValueError, match=r"1 channel\(s\) \['No Finding'\], the towers expect 2"):
-        train("right", "model.vision.in_channels=3")
-    assert not (tmp_path / "towers").exists()  # nothing was written
-    with pytest.raises(ValueError, match="unknown dataset 'nih'; registered datasets: "
-                                         "chexpert_cxr, mimic_cxr, synthetic_cxr"):
-        cli.main(["train-diffusion", "--data", "nih", "--data-dir", str(tfds_dir)])
+    train(r"has 8 records, the image split 24", "wrong")
+    train(r"1 channel\(s\) \['No Finding'\], the towers expect 2", "right",
+          "model.vision.in_channels=3")
+    assert not (tmp_path / "towers" / "checkpoints").exists()  # nothing was trained
+    _user_error(capsys, "unknown dataset 'nih'; registered datasets: chexpert_cxr, mimic_cxr, "
+                "synthetic_cxr", "train-diffusion", "--data", "nih", "--data-dir", tfds_dir)
     with pytest.raises(ValueError, match="split 'validate' is not in mimic_cxr .*; its splits: "
                                          "test, train, validation"):
         dataset.source("validate")

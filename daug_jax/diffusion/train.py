@@ -38,6 +38,7 @@ from daug_jax.diffusion.classifier import NoiseAwareClassifier, masked_bce
 from daug_jax.diffusion.schedule import alphas_cumprod, eps_loss, q_sample
 from daug_jax.diffusion.unet import UNet
 from daug_jax.files import write_text
+from daug_jax.guard import check_finite, keep_if_finite
 
 State = dict  # {"step": int32 [], "params", "opt_state", and "ema" for the diffusion model}
 
@@ -92,7 +93,8 @@ def init_state(module, tx, image_shape: Sequence[int], key: jax.Array, *, ema: b
     return state
 
 
-def diffusion_step_fn(module: UNet, tx, alpha_bar: Any, ema_decay: float) -> Callable:
+def diffusion_step_fn(module: UNet, tx, alpha_bar: Any, ema_decay: float, *,
+                      skip_nonfinite: bool = False) -> Callable:
     """``step(state, batch, key)``: one epsilon-MSE update at uniform random levels, plus EMA.
 
     batch["image"]: [B, H, W, C] float32 in [0, 1] (mapped to [-1, 1] here, on device).
@@ -117,14 +119,20 @@ def diffusion_step_fn(module: UNet, tx, alpha_bar: Any, ema_decay: float) -> Cal
         n = state["step"].astype(jnp.float32)
         decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
         ema = optax.incremental_update(params, state["ema"], 1.0 - decay)
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if skip_nonfinite:
+            (params, opt_state, ema), metrics["skipped"] = keep_if_finite(
+                loss, grad_norm, (params, opt_state, ema),
+                (state["params"], state["opt_state"], state["ema"]))
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new, metrics
 
     return step
 
 
 def classifier_step_fn(module: NoiseAwareClassifier, tx, alpha_bar: Any,
-                       max_level: int) -> Callable:
+                       max_level: int, *, skip_nonfinite: bool = False) -> Callable:
     """``step(state, batch, key)``: masked BCE on x_t at levels uniform in [0, max_level].
 
     batch["image"]: [B, H, W, C] float32 in [0, 1]; batch["labels"], batch["label_mask"]: [B, K]
@@ -147,8 +155,13 @@ def classifier_step_fn(module: NoiseAwareClassifier, tx, alpha_bar: Any,
         known = mask > 0
         hits = jnp.where(known, (logits > 0) == (labels > 0.5), False)
         acc = jnp.sum(hits) / jnp.maximum(jnp.sum(known), 1)
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm}
+        if skip_nonfinite:
+            (params, opt_state), metrics["skipped"] = keep_if_finite(
+                loss, grad_norm, (params, opt_state), (state["params"], state["opt_state"]))
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
+        return new, metrics
 
     return step
 
@@ -162,14 +175,15 @@ def _programs(kind: str, spec: str, mesh) -> tuple[Any, Callable, Callable]:
     """
     cfg = ml_collections.ConfigDict(json.loads(spec))
     tx, alpha_bar = make_optimizer(cfg.train), alpha_bar_of(cfg)
+    skip = bool(cfg.train.get("skip_nonfinite", False))  # see `daug_jax.guard`
     rep, split = parallel.replicated(mesh), parallel.data_sharding(mesh)
     if kind == "diffusion":
         module = make_unet(cfg)
-        step = diffusion_step_fn(module, tx, alpha_bar, cfg.train.ema_decay)
+        step = diffusion_step_fn(module, tx, alpha_bar, cfg.train.ema_decay, skip_nonfinite=skip)
         batch_spec = {"image": split}
     else:
         module = make_classifier(cfg, cfg.num_classes)
-        step = classifier_step_fn(module, tx, alpha_bar, cfg.max_level)
+        step = classifier_step_fn(module, tx, alpha_bar, cfg.max_level, skip_nonfinite=skip)
         batch_spec = {"image": split, "labels": split, "label_mask": split}
     init = jax.jit(lambda key, shape: init_state(module, tx, shape, key, ema=kind == "diffusion"),
                    static_argnums=1, out_shardings=rep)
@@ -264,7 +278,7 @@ def _fit(*, name: str, spec: str, meta: dict, reader: BatchReader,
     # Created by a jitted program so that every process holds its shard of the replicated key
     # (device_put of a host value onto a multi-process sharding is refused).
     key = jax.jit(lambda: prng_key(tcfg.seed + 1), out_shardings=parallel.replicated(mesh))()
-    pending, t_first = [], None
+    pending, rows, t_first, saved = [], [], None, start or None
     bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc=name,
                disable=not lead)
     for i in bar:
@@ -276,16 +290,23 @@ def _fit(*, name: str, spec: str, meta: dict, reader: BatchReader,
             jax.block_until_ready(metrics)   # the first step includes compilation
             t_first = time.perf_counter()
         done = i + 1
-        if done % tcfg.log_every == 0 or done == tcfg.steps:
-            rows = [{"step": s, **{k: float(v) for k, v in m.items()}}
-                    for s, m in jax.device_get(pending)]
+        logs = done % tcfg.log_every == 0 or done == tcfg.steps
+        saves = done % tcfg.save_every == 0 or done == tcfg.steps
+        if logs or saves:
+            # Checked before anything is saved: a checkpoint never holds a non-finite update.
+            rows += [{"step": s, **{k: float(v) for k, v in m.items()}}
+                     for s, m in jax.device_get(pending)]
             pending = []
+            check_finite(rows, name=name, workdir=workdir, last_saved=saved)
+        if logs:
             if lead:
                 with open(log_path, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
                 bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
-        if done % tcfg.save_every == 0 or done == tcfg.steps:
+            rows = []
+        if saves:
             ckpt.save(done, state, meta, force=True)
+            saved = done
     bar.close()
     ckpt.close()
     if t_first is not None and tcfg.steps - start > 1 and lead:
