@@ -95,9 +95,9 @@ def localize(config: Any, out: str, test: dict) -> dict:
     h, loc = config.heatmaps, config.heatmaps.localization
     models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
     classes = [c for c in synthetic.LOCALIZED_CLASSES if c in models.class_names]
-    cases = localization.select_cases(test["labels"], test["masks"], test["sites"],
-                                      synthetic.CLASS_NAMES, classes, loc.cases_per_class,
-                                      int(config.data.seed))
+    regions = {"masks": test["masks"], "sites": test["sites"]}
+    cases = localization.select_cases(test["labels"], regions, synthetic.CLASS_NAMES, classes,
+                                      loc.cases_per_class, int(config.data.seed))
     images = test["image"] * 2.0 - 1.0
     translated = localization.translate_cases(
         models, images, cases, scales=[float(h.scale)], level=h.level, num_steps=h.num_steps,

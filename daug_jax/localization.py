@@ -1,11 +1,14 @@
-"""Do DAug heatmaps point at findings?  The pointing game on held-out synthetic films.
+"""Do DAug heatmaps point at findings?  The pointing game on films with ground-truth regions.
 
-Two modes per localized class c (the benchmark has a ground-truth mask and site per class):
+Modes per localized class c, by the regions a dataset carries:
 
-- anomaly: films positive for c, translated towards ``no:c``; a hit when the heatmap's maximum
-  lies inside c's mask (the guidance removed the finding where it is);
-- site: films negative for c, translated towards c; a hit when the maximum lies inside c's site
-  mask (the guidance drew the finding where it develops in this patient's anatomy).
+- anomaly (lesion ``masks`` of the synthetic benchmark, radiologist ``boxes`` of NIH
+  ChestX-ray14): films positive for c, translated towards ``no:c``; a hit when the heatmap's
+  maximum lies inside c's region (the guidance removed the finding where it is);
+- channel (``boxes``): the same films translated towards "No Finding" — the DAug channel of the
+  paper, one anomaly map for every finding;
+- site (``sites``, synthetic only): films negative for c, translated towards c; a hit when the
+  maximum lies inside c's site mask (the guidance drew the finding where it develops).
 
 Each reports the hit rate, its chance level (mean area fraction of the region: the hit rate of a
 uniformly random point) and the share of heatmap energy inside the region, per class and pooled.
@@ -13,7 +16,7 @@ Every film is encoded once; the guided decode (one target per case) is repeated 
 scale, which is how the sweep over scales stays affordable.
 
     daug-jax localize --diffusion runs/diffusion --classifier runs/classifier \\
-        --out runs/localization
+        --out runs/localization [--data nih_cxr14 --data-dir DIR]
 """
 
 from __future__ import annotations
@@ -31,33 +34,55 @@ from daug_jax.diffusion import sampling
 from daug_jax.files import save_figure, write_json
 from daug_jax.heatmaps import TranslationModels, raw_heatmap
 
-MODES = ("anomaly", "site")
+# mode -> (region field, label the film must have, guidance target): "absent" = no:<class>,
+# "present" = <class>, "healthy" = "No Finding".
+MODE_SPECS = {
+    "anomaly": {"masks": (1, "absent"), "boxes": (1, "absent")},
+    "channel": {"boxes": (1, "healthy")},
+    "site": {"sites": (0, "present")},
+}
+MODES = ("anomaly", "site")  # the synthetic benchmark's (masks and sites)
+NO_FINDING = "No Finding"
 
 
-def select_cases(labels: np.ndarray, masks: np.ndarray, sites: np.ndarray,
+def modes_for(fields: Sequence[str]) -> dict[str, tuple[str, int, str]]:
+    """``{mode: (region field, wanted label, target)}`` for records with ``fields``."""
+    out = {}
+    for mode, by_field in MODE_SPECS.items():
+        for field, (label, target) in by_field.items():
+            if field in fields:
+                out[mode] = (field, label, target)
+                break
+    if not out:
+        raise ValueError(f"records have no region to score against (fields {sorted(fields)}); "
+                         f"expected one of masks, sites, boxes")
+    return out
+
+
+def select_cases(labels: np.ndarray, regions: dict[str, np.ndarray],
                  data_classes: Sequence[str], classes: Sequence[str], per_class: int,
-                 seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+                 seed: int = 0, modes: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Picks up to ``per_class`` films per class and mode.
 
-    labels: [N, C] int in {-1, 0, 1}; masks, sites: [N, C, H, W] bool, C ordered as
-    ``data_classes``.  Anomaly cases need label 1 and a non-empty mask, site cases label 0 and a
-    non-empty site (uncertain films are left out of both).  Returns
-    ``{mode: {"image": [M] int, "class": [M] int (index into data_classes), "region": [M, H, W]}}``.
+    labels: [N, C] int in {-1, 0, 1}; regions: {field: [N, C, H, W] bool} ("masks", "sites",
+    "boxes"), C ordered as ``data_classes``; modes: `modes_for` output (default: from the
+    fields).  A case needs the mode's label (uncertain films are left out) and a non-empty
+    region.  Returns ``{mode: {"image": [M] int, "class": [M] int (index into data_classes),
+    "region": [M, H, W]}}``.
     """
+    modes = modes or modes_for(regions)
     order = np.random.default_rng(seed).permutation(len(labels))
     cases = {}
-    for mode in MODES:
+    for mode, (field, wanted, _) in modes.items():
         rows, cols = [], []
         for name in classes:
             c = list(data_classes).index(name)
-            region = masks[:, c] if mode == "anomaly" else sites[:, c]
-            keep = (labels[:, c] == (1 if mode == "anomaly" else 0)) & region.any(axis=(1, 2))
+            keep = (labels[:, c] == wanted) & regions[field][:, c].any(axis=(1, 2))
             chosen = order[keep[order]][:per_class]
             rows += chosen.tolist()
             cols += [c] * len(chosen)
         rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        region = (masks if mode == "anomaly" else sites)[rows, cols]
-        cases[mode] = {"image": rows, "class": cols, "region": region}
+        cases[mode] = {"image": rows, "class": cols, "region": regions[field][rows, cols]}
     return cases
 
 
@@ -68,8 +93,11 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 
 def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, *,
                     scales: Sequence[float], level: int, num_steps: int, smooth_sigma: float,
-                    batch_size: int, data_classes: Sequence[str]) -> dict:
+                    batch_size: int, data_classes: Sequence[str], modes: dict | None = None) -> dict:
     """Guided translations and raw heatmaps of every case at every scale.
+
+    modes: `modes_for` output, which says each mode's guidance target (default: the synthetic
+    benchmark's anomaly and site modes).
 
     images: [N, H, W, 1] float32 in [-1, 1].  Returns ``{scale: {mode: {"translated":
     [M, H, W, 1], "heatmap": [M, H, W]}}}`` (numpy).
@@ -85,28 +113,35 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
                                           direction, scale, unroll=unroll)
         return x_c, raw_heatmap(x0, x_c, smooth_sigma)
 
-    used = np.unique(np.concatenate([cases[m]["image"] for m in MODES]))
+    used = np.unique(np.concatenate([cases[m]["image"] for m in cases]))
     encoded = {}
     for start in tqdm(range(0, len(used), batch_size), desc="encode", unit="batch"):
         rows = used[start:start + batch_size]
         x_L = jax.device_get(encode(models.eps_fn, _pad(images[rows], batch_size)))
         encoded.update(zip(rows.tolist(), x_L[:len(rows)]))
 
-    # Class index in the classifier's logits; anomaly cases guide towards absence.
+    # Class index in the classifier's logits, and the direction of each mode's guidance.
     logit_index = {c: models.class_names.index(name) for c, name in enumerate(data_classes)
                    if name in models.class_names}
+    modes = modes or {m: MODE_SPECS[m].get("masks", MODE_SPECS[m].get("sites")) for m in cases}
     out = {}
-    total = len(scales) * sum(-(-len(cases[m]["image"]) // batch_size) for m in MODES)
+    total = len(scales) * sum(-(-len(cases[m]["image"]) // batch_size) for m in cases)
     bar = tqdm(total=total, desc="guided decode", unit="batch")
     for scale in scales:
         out[float(scale)] = {}
-        for mode in MODES:
+        for mode in cases:
             img, cls = cases[mode]["image"], cases[mode]["class"]
-            direction = np.float32(-1.0 if mode == "anomaly" else 1.0)
+            target = modes[mode][-1]
+            direction = np.float32(-1.0 if target == "absent" else 1.0)
+            if target == "healthy" and NO_FINDING not in models.class_names:
+                raise ValueError(f"mode {mode!r} guides towards {NO_FINDING!r}, which the "
+                                 f"classifier does not predict ({list(models.class_names)})")
             parts = []
             for start in range(0, len(img), batch_size):
                 rows, n = img[start:start + batch_size], len(img[start:start + batch_size])
-                index = np.array([logit_index[c] for c in cls[start:start + batch_size]], np.int32)
+                index = np.array([models.class_names.index(NO_FINDING) if target == "healthy"
+                                  else logit_index[c] for c in cls[start:start + batch_size]],
+                                 np.int32)
                 x_c, heat = decode(models.eps_fn, models.logit_fn,
                                    _pad(images[rows], batch_size),
                                    _pad(np.stack([encoded[r] for r in rows.tolist()]), batch_size),
@@ -123,7 +158,7 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
 def score(heatmaps: dict, cases: dict, data_classes: Sequence[str]) -> dict:
     """Pointing game per mode: pooled over classes plus ``per_class``; JSON-ready."""
     result = {}
-    for mode in MODES:
+    for mode in cases:
         heat, region, cls = heatmaps[mode]["heatmap"], cases[mode]["region"], cases[mode]["class"]
         if len(cls) == 0:
             result[mode] = {"n": 0, "per_class": {}}
@@ -144,12 +179,13 @@ def plot_examples(path: str, images: np.ndarray, cases: dict, out: dict,
     import matplotlib.pyplot as plt
 
     picks = {m: [i for c in np.unique(cases[m]["class"])
-                 for i in np.flatnonzero(cases[m]["class"] == c)[:per_class]] for m in MODES}
+                 for i in np.flatnonzero(cases[m]["class"] == c)[:per_class]] for m in cases}
     n_rows = max(1, max(len(p) for p in picks.values()))
-    fig, axes = plt.subplots(n_rows, 8, figsize=(14, 1.9 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, 4 * len(cases), figsize=(7 * len(cases), 1.9 * n_rows),
+                             squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for block, mode in enumerate(MODES):
+    for block, mode in enumerate(cases):
         for row, i in enumerate(picks[mode]):
             img = images[cases[mode]["image"][i], ..., 0]
             heat = out[mode]["heatmap"][i]
@@ -157,7 +193,8 @@ def plot_examples(path: str, images: np.ndarray, cases: dict, out: dict,
             region = cases[mode]["region"][i]
             name = data_classes[cases[mode]["class"][i]]
             panels = (img, out[mode]["translated"][i, ..., 0], heat, img)
-            titles = (f"{mode}: {name}", "no:" + name if mode == "anomaly" else "to " + name,
+            target = {"anomaly": "no:" + name, "channel": "to " + NO_FINDING}.get(mode, "to " + name)
+            titles = (f"{mode}: {name}", target,
                       "|x_c - x0|", "region, max")
             for col, (panel, title) in enumerate(zip(panels, titles)):
                 ax = axes[row, 4 * block + col]
@@ -179,7 +216,7 @@ def plot_sweep(path: str, sweep: dict) -> None:
 
     scales = sorted(sweep, key=float)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, color in zip(MODES, ("tab:red", "tab:blue")):
+    for mode, color in zip(sweep[scales[0]], ("tab:red", "tab:blue", "tab:green")):
         hits = [sweep[s][mode].get("pointing_game", np.nan) for s in scales]
         chance = [sweep[s][mode].get("chance", np.nan) for s in scales]
         ax.plot([float(s) for s in scales], hits, "o-", color=color, label=f"{mode} mode")
@@ -194,10 +231,43 @@ def plot_sweep(path: str, sweep: dict) -> None:
     save_figure(fig, path)
 
 
+def collect_films(source, modes: dict, classes: Sequence[str], data_classes: Sequence[str],
+                  per_class: int, limit: int, chunk: int = 256) -> dict:
+    """Streams the first ``limit`` records of ``source`` and keeps the candidate films only.
+
+    A film is kept while it is a new candidate (the mode's label, a non-empty region) for some
+    (mode, class) that has fewer than 2 x ``per_class`` candidates, so memory is bounded by the
+    cases, not by the split: NIH's boxed films are 880 of 112,120.  Returns ``{"image" [M, H, W,
+    1] float32 in [0, 1], "labels" [M, C], field: [M, C, H, W]}`` for `select_cases`.
+    """
+    from daug_jax.data import pipeline
+
+    columns = [list(data_classes).index(c) for c in classes]
+    counts = {(m, c): 0 for m in modes for c in columns}
+    kept: dict[str, list] = {}
+    for start in tqdm(range(0, min(int(limit), len(source)), chunk), desc="scan", unit="chunk"):
+        batch = pipeline.read(source, range(start, min(start + chunk, int(limit), len(source))))
+        for j in range(len(batch["labels"])):
+            new = [(m, c) for m, (field, wanted, _) in modes.items() for c in columns
+                   if counts[m, c] < 2 * per_class and batch["labels"][j, c] == wanted
+                   and batch[field][j, c].any()]
+            if not new:
+                continue
+            for key in new:
+                counts[key] += 1
+            for field in {"image", "labels", *(f for f, _, _ in modes.values())}:
+                kept.setdefault(field, []).append(batch[field][j])
+    if not kept:
+        raise ValueError(f"no film among the first {limit} has a region for {list(classes)}")
+    films = {k: np.stack(v) for k, v in kept.items()}
+    films["image"] = pipeline.to_unit_float(films["image"])
+    return films
+
+
 # ----------------------------------------------------------------------------- CLI
 def main(command: str, argv: list[str]) -> int:
     from daug_jax.config import load_config
-    from daug_jax.data import pipeline, registry, synthetic
+    from daug_jax.data import registry
     from daug_jax.heatmaps import load_models
 
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
@@ -227,19 +297,22 @@ def main(command: str, argv: list[str]) -> int:
                          f"game against (datasets with them: "
                          f"{', '.join(n for n, e in registry.REGISTRY.items() if e.localized)})")
     source = dataset.source(args.split)
-    seed = int(config.data.get("seed", 0))
-    # A bounded pool of the split (not the whole split) is read to pick the cases from.
-    data = pipeline.read(source, range(min(int(loc.pool_size), len(source))))
-    data["image"] = pipeline.to_unit_float(data["image"])
-    size = models.image_shape[0]
-    classes = [c for c in synthetic.LOCALIZED_CLASSES if c in models.class_names]
-    cases = select_cases(data["labels"], data["masks"], data["sites"], list(dataset.class_names),
-                         classes, loc.cases_per_class, seed)
+    seed, size = int(config.data.get("seed", 0)), models.image_shape[0]
+    data_classes = list(dataset.class_names)
+    modes = modes_for(dataset.builder.info.features.keys())
+    # Every class the data has a region for and the classifier can guide ("No Finding": none).
+    classes = [c for c in data_classes if c in models.class_names and c != NO_FINDING]
+    data = collect_films(source, modes, classes, data_classes, int(loc.cases_per_class),
+                         int(loc.pool_size))
+    regions = {field: data[field] for field, _, _ in modes.values()}
+    cases = select_cases(data["labels"], regions, data_classes, classes, loc.cases_per_class,
+                         seed, modes)
+    cases = {m: c for m, c in cases.items() if len(c["class"])}
     images = data["image"] * 2.0 - 1.0
     out = translate_cases(models, images, cases, scales=scales, level=h.level,
                           num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
-                          batch_size=loc.batch_size, data_classes=list(dataset.class_names))
-    results = {s: score(out[s], cases, list(dataset.class_names)) for s in scales}
+                          batch_size=loc.batch_size, data_classes=data_classes, modes=modes)
+    results = {s: score(out[s], cases, data_classes) for s in scales}
     settings = {"guidance_scale": float(scale), "level": h.level,
                 "num_steps": h.num_steps, "smooth_sigma": h.smooth_sigma, "dataset": dataset.name,
                 "split": args.split, "image_size": size, "seed": seed, "pool_size": loc.pool_size,
@@ -249,7 +322,7 @@ def main(command: str, argv: list[str]) -> int:
     write_json(os.path.join(args.out, "localization.json"),
                {**results[float(scale)], "settings": settings})
     plot_examples(os.path.join(args.out, "localization.png"), images, cases, out[float(scale)],
-                  list(dataset.class_names), loc.examples_per_class)
+                  data_classes, loc.examples_per_class)
     write_json(os.path.join(args.out, "guidance_sweep.json"),
                {"settings": settings, "scales": {str(s): results[s] for s in sweep}})
     plot_sweep(os.path.join(args.out, "guidance_sweep.png"),
@@ -257,9 +330,9 @@ def main(command: str, argv: list[str]) -> int:
     for s in scales:
         line = ", ".join(f"{m} {results[s][m].get('pointing_game', float('nan')):.2f} "
                          f"(chance {results[s][m].get('chance', float('nan')):.2f}, "
-                         f"n={results[s][m]['n']})" for m in MODES)
+                         f"n={results[s][m]['n']})" for m in cases)
         print(f"localize: scale {s:g}: {line}")
-    for mode in MODES:
+    for mode in cases:
         for name, r in results[float(scale)][mode]["per_class"].items():
             print(f"  {mode:>7} {name:<17} hit {r['pointing_game']:.2f}  chance {r['chance']:.2f}"
                   f"  energy {r['energy_inside']:.2f}  n={r['n']}")

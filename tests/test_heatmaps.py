@@ -211,7 +211,8 @@ def test_select_cases_and_pointing_on_known_regions():
     masks[labels[:, 1] == 1, 1], masks[labels[:, 2] != 0, 2] = left, ~left
     sites = np.zeros((n, 3, H, W), bool)
     sites[:, 1], sites[:, 2] = left, ~left
-    cases = localization.select_cases(labels, masks, sites, CLASSES, ("Left", "Right"), 2)
+    cases = localization.select_cases(labels, {"masks": masks, "sites": sites}, CLASSES,
+                                      ("Left", "Right"), 2)
     for mode, want in (("anomaly", {1: [0, 1, 2], 2: [3, 4, 5]}),
                        ("site", {1: [3, 4, 5], 2: [0, 1]})):   # film 2 is uncertain for "Right"
         for c, films in want.items():

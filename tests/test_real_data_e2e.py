@@ -114,6 +114,8 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
     if dataset == "mimic_cxr":
         # The pointing game needs lesion masks: refused on MIMIC, scored on synthetic films.
         _user_error(capsys, "mimic_cxr has no lesion masks", "localize", *models, *data)
+        _user_error(capsys, "unknown class 'Pneumonitis' in heatmap target", "heatmaps",
+                    *models, *data, "--targets", "Pneumonitis", "--out", tmp_path / "bad")
         _cli("localize", *models, "--data", "synthetic_cxr", "--data-dir", tfds_dir,
              "--out", tmp_path / "loc", "--sweep", "1", *_sets(HEATMAPS + [
                  "data.num_train=16", "data.num_validation=4", "data.num_test=48",
