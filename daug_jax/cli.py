@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data show": ("daug_jax.data.show", "Write a PNG grid of synthetic samples with reports and masks."),
     "data bench": ("daug_jax.data.show", "Print synthetic generation speed (images/s)."),
     "data build": ("daug_jax.data.builders", "Build a TFDS dataset (array_record) under --data-dir."),
-    "data prepare": ("daug_jax.data.registry", "Build MIMIC-CXR-JPG or CheXpert from a manual download."),
+    "data prepare": ("daug_jax.data.registry", "Build MIMIC-CXR-JPG, CheXpert or NIH ChestX-ray14 from a manual download."),
     "train-diffusion": ("daug_jax.diffusion.train", "Train the epsilon-UNet (DDPM) on a dataset's training films."),
     "train-classifier": ("daug_jax.diffusion.train", "Train the noise-aware classifier that guides DDIM decoding."),
     "demo": ("daug_jax.demo", "Run DAug end to end on the synthetic benchmark (the 2x2 ablation)."),

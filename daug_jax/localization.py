@@ -293,7 +293,7 @@ def main(command: str, argv: list[str]) -> int:
     scales = sorted(set(sweep) | {float(scale)})
     dataset = registry.open_dataset(config.data, image_size=models.image_shape[0])
     if not dataset.localized:
-        raise ValueError(f"{dataset.name} has no lesion masks or sites to score the pointing "
+        raise ValueError(f"{dataset.name} has no lesion masks, sites or boxes to score the pointing "
                          f"game against (datasets with them: "
                          f"{', '.join(n for n, e in registry.REGISTRY.items() if e.localized)})")
     source = dataset.source(args.split)

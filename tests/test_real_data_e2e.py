@@ -113,7 +113,7 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
     models = ["--diffusion", tmp_path / "diffusion", "--classifier", tmp_path / "classifier"]
     if dataset == "mimic_cxr":
         # The pointing game needs lesion masks: refused on MIMIC, scored on synthetic films.
-        _user_error(capsys, "mimic_cxr has no lesion masks", "localize", *models, *data)
+        _user_error(capsys, "mimic_cxr has no lesion masks, sites or boxes", "localize", *models, *data)
         _user_error(capsys, "unknown class 'Pneumonitis' in heatmap target", "heatmaps",
                     *models, *data, "--targets", "Pneumonitis", "--out", tmp_path / "bad")
         _cli("localize", *models, "--data", "synthetic_cxr", "--data-dir", tfds_dir,
@@ -187,7 +187,33 @@ def test_bad_input_is_named_before_training(tmp_path, capsys):
           "model.vision.in_channels=3")
     assert not (tmp_path / "towers" / "checkpoints").exists()  # nothing was trained
     _user_error(capsys, "unknown dataset 'nih'; registered datasets: chexpert_cxr, mimic_cxr, "
-                "synthetic_cxr", "train-diffusion", "--data", "nih", "--data-dir", tfds_dir)
+                "nih_cxr14, synthetic_cxr", "train-diffusion", "--data", "nih", "--data-dir", tfds_dir)
     with pytest.raises(ValueError, match="split 'validate' is not in mimic_cxr .*; its splits: "
                                          "test, train, validation"):
         dataset.source("validate")
+
+
+def test_nih_localization_by_cli(tmp_path, capsys):
+    """NIH ChestX-ray14 (real metadata, generated films): prepare -> train-diffusion ->
+    train-classifier -> localize, the pointing game on the boxed films of the test split."""
+    import fixtures_nih
+
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    fixtures_nih.make_nih_tree(manual, fixtures_nih.txv_data())
+    data = ["--data", "nih_cxr14", "--data-dir", tfds_dir]
+    _cli("data", "prepare", "nih_cxr14", "--manual-dir", manual, "--data-dir", tfds_dir,
+         "--size", SIZE)
+    _cli("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_sets(DIFFUSION))
+    _cli("train-classifier", "--workdir", tmp_path / "classifier", *data, *_sets(DIFFUSION))
+    _cli("localize", "--diffusion", tmp_path / "diffusion", "--classifier", tmp_path / "classifier",
+         *data, "--out", tmp_path / "loc", "--sweep", "1", *_sets(HEATMAPS + [
+             "heatmaps.localization.cases_per_class=2", "heatmaps.localization.pool_size=100000",
+             "heatmaps.localization.examples_per_class=1"]))
+    loc = json.loads((tmp_path / "loc" / "localization.json").read_text())
+    assert set(loc) == {"anomaly", "channel", "settings"}
+    boxed = {"Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+             "Pneumonia", "Pneumothorax"}
+    for mode in ("anomaly", "channel"):
+        assert set(loc[mode]["per_class"]) <= boxed and loc[mode]["n"] > 0
+        assert 0 < loc[mode]["chance"] < 1  # the boxes' mean area fraction
+    assert (tmp_path / "loc" / "localization.png").stat().st_size > 0

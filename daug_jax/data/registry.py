@@ -12,6 +12,7 @@ Registered datasets (all array_record, readable without TensorFlow):
     synthetic_cxr   the built-in benchmark (reports, labels, masks, sites); built on demand
     mimic_cxr       MIMIC-CXR-JPG + reports (manual download: ``daug-jax data prepare``)
     chexpert_cxr    CheXpert v1.0 (no reports; manual download)
+    nih_cxr14       NIH ChestX-ray14 with its radiologist boxes (no reports; manual download)
 
 Label convention of every dataset: ``labels`` int8 [C] in {1, 0, -1 = uncertain} and, where a
 label can be blank, ``missing`` bool [C]; `daug_jax.losses.labels_and_mask` turns both into
@@ -57,19 +58,27 @@ def _chexpert(cfg: Any, image_size: int):
                                 data_dir=cfg.get("data_dir") or "runs/tfds")
 
 
+def _nih(cfg: Any, image_size: int):
+    from daug_jax.data import nih
+
+    return nih.NihCxr14(config=nih.NihCxr14Config(image_size=image_size),
+                        data_dir=cfg.get("data_dir") or "runs/tfds")
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """How a registered dataset is made: ``make(data_config, image_size) -> builder``."""
     make: Callable[[Any, int], tfds.core.DatasetBuilder]
     has_reports: bool
     build_on_demand: bool  # generated data: built under data_dir when missing
-    localized: bool        # records carry lesion "masks" and "sites" (the pointing game)
+    localized: bool        # records carry regions to point at ("masks"/"sites", or "boxes")
 
 
 REGISTRY: dict[str, Entry] = {
     "synthetic_cxr": Entry(_synthetic, has_reports=True, build_on_demand=True, localized=True),
     "mimic_cxr": Entry(_mimic, has_reports=True, build_on_demand=False, localized=False),
     "chexpert_cxr": Entry(_chexpert, has_reports=False, build_on_demand=False, localized=False),
+    "nih_cxr14": Entry(_nih, has_reports=False, build_on_demand=False, localized=True),
 }
 ALIASES = {"synthetic": "synthetic_cxr"}  # the name older configs used
 
@@ -174,7 +183,7 @@ def apply_data_args(config: Any, args) -> None:
 
 
 def main(command: str, argv: list[str]) -> int:
-    """``daug-jax data prepare {mimic_cxr,chexpert_cxr} --manual-dir M --data-dir D [--size S]``."""
+    """``daug-jax data prepare {chexpert_cxr,mimic_cxr,nih_cxr14} --manual-dir M --data-dir D``."""
     import argparse
 
     import ml_collections
@@ -195,8 +204,11 @@ def main(command: str, argv: list[str]) -> int:
     cfg = ml_collections.ConfigDict(dict(data_dir=args.data_dir,
                                          report_section=args.report_section))
     builder = make_builder(args.dataset, cfg, args.size)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+    from daug_jax.lock import workdir_lock
+
+    with workdir_lock(args.data_dir, what=command):  # two builds would mix their files
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
     for split, info in builder.info.splits.items():
         dropped = builder.info.metadata.get("dropped", {}).get(split, {})
         print(f"{builder.name}/{builder.builder_config.name} {split}: {info.num_examples} "
