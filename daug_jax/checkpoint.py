@@ -3,28 +3,83 @@
 A stage that is killed and rerun with the same command restores the latest step and continues;
 since batches are a pure function of (seed, step) (see `daug_jax.data.pipeline`) and PRNG keys
 are folded from the step, the resumed run is the uninterrupted run.
+
+A checkpoint that cannot be read back (array files truncated by a full disk, a half-copied
+directory) is skipped with one line of warning: restoring falls back to the newest older step
+that restores cleanly.  Resuming a run (`Checkpointer.restore_or`) also moves the damaged step
+directories aside to ``<step>.damaged``, so that the run saves those steps anew.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 
+# A failed read makes orbax log (through absl) a traceback, asyncio report its unretrieved
+# tasks, and tensorstore's reads still in flight complete into the closed event loop ("Event
+# loop is closed", one traceback each through sys.unraisablehook).  A damaged checkpoint is
+# reported by one line of ours instead.
+_NOISY_LOGGERS = ("absl", "orbax", "tensorstore", "asyncio")
+
+
+def _closed_loop(unraisable: Any) -> bool:
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    hook = sys.unraisablehook
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = lambda u: None if _closed_loop(u) else hook(u)
+    try:
+        yield
+    finally:
+        gc.collect()  # unretrieved tasks of failed reads are reported now, while quiet
+        sys.unraisablehook = hook
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _short_reason(err: BaseException) -> str:
+    """The most specific part of a read error, e.g. "ValueError: Requested byte range [0, 273)
+    is not valid for value of size 136" out of tensorstore's chain of contexts and specs."""
+    text = " ".join(str(err).split("[tensorstore_spec")[0].split())
+    if len(text) > 120:  # "Error opening ...: Error reading ...: <cause>": keep the cause
+        text = text.rsplit(": ", 1)[-1][:120]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"daug-jax: warning: {message}", file=sys.stderr, flush=True)
+
 
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` for a pytree train state plus JSON metadata."""
+    """Thin wrapper over `ocp.CheckpointManager` for a pytree train state plus JSON metadata.
+
+    ``restored_step``: the step that the last `restore` / `restore_or` returned (None before).
+    """
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 2):
         self.directory = os.path.abspath(directory)
+        self.restored_step: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(1, save_every), create=True)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
+        """The newest saved step (not checked for damage: restoring it may fall back)."""
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
@@ -37,12 +92,7 @@ class Checkpointer:
             force=force)
         return bool(saved)
 
-    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores ``(state, meta)`` at ``step`` (default latest) with the shardings of ``template``."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    def _read(self, abstract: Any, step: int) -> tuple[Any, dict]:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -50,13 +100,92 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore()))
         return restored.state, dict(restored.meta or {})
 
+    def _restore_newest(self, template: Any, step: int | None) -> tuple[Any, dict, int, list]:
+        """``(state, meta, step, damaged)`` from ``step`` (default latest) or, when that one
+        fails to read, the newest older step that reads; damaged: [(step, reason)] skipped."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no checkpoint {step} in {self.directory} (it has "
+                                    f"{', '.join(map(str, sorted(steps)))})")
+        candidates = [s for s in steps if step is None or s <= step]
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        damaged = []
+        with _quiet_orbax():
+            for candidate in candidates:
+                try:
+                    state, meta = self._read(abstract, candidate)
+                except Exception as err:  # noqa: BLE001 - any failure to read counts as damage
+                    damaged.append((candidate, _short_reason(err)))
+                    continue
+                self.restored_step = candidate
+                return state, meta, candidate, damaged
+        raise FileNotFoundError(
+            f"no checkpoint in {self.directory} restores (tried "
+            f"{', '.join(str(s) for s, _ in damaged)}; {damaged[0][0]}: {damaged[0][1]})")
+
+    def _report(self, damaged: list, used: int, suffix: str = "") -> None:
+        if not damaged:
+            return
+        names = ", ".join(str(s) for s, _ in damaged)
+        what = (f"checkpoint {names} in {self.directory} is damaged" if len(damaged) == 1 else
+                f"checkpoints {names} in {self.directory} are damaged")
+        _warn(f"{what} ({damaged[0][1]}); using checkpoint {used}{suffix}")
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restores ``(state, meta)`` at ``step`` (default latest) with the shardings of ``template``.
+
+        A checkpoint that fails to read is skipped for the newest older one that reads, with one
+        line of warning; ``self.restored_step`` tells which was used.  Raises FileNotFoundError
+        when there is none or none reads.
+        """
+        state, meta, used, damaged = self._restore_newest(template, step)
+        self._report(damaged, used)
+        return state, meta
+
+    def restore_latest(self, template: Any) -> tuple[Any, dict, int]:
+        """``(state, meta, step)`` of the newest checkpoint that reads (see `restore`)."""
+        state, meta = self.restore(template)
+        return state, meta, self.restored_step
+
     def restore_or(self, template: Any) -> tuple[Any, dict, int]:
-        """``(state, meta, step)`` from the latest checkpoint, or ``(template, {}, 0)`` if none."""
-        step = self.latest_step()
-        if step is None:
+        """``(state, meta, step)`` to resume from: the newest checkpoint that reads, or
+        ``(template, {}, 0)`` if there is none.
+
+        Damaged newer steps are moved aside (``<step>.damaged``), so that the resumed run's
+        `latest_step` is the restored step and it can save the lost steps again.
+        """
+        if self.latest_step() is None:
+            self.restored_step = 0
             return template, {}, 0
-        state, meta = self.restore(template, step)
-        return state, meta, step
+        state, meta, used, damaged = self._restore_newest(template, None)
+        moved = self._set_aside([s for s, _ in damaged])
+        self._report(damaged, used, f"; moved aside to {', '.join(moved)}" if moved else "")
+        return state, meta, used
+
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Renames the step directories ``steps`` out of orbax's view (process 0; the others
+        wait for it); returns the new names."""
+        if not steps:
+            return []
+        names = []
+        for step in steps:
+            base, n = f"{step}.damaged", 1
+            while os.path.exists(os.path.join(self.directory, base)):
+                base, n = f"{step}.damaged{n}", n + 1
+            names.append(base)
+        multi = jax.process_count() > 1
+        if multi:  # every process has read and named before anything moves
+            ocp.multihost.sync_global_processes("daug_checkpoint_read")
+        if jax.process_index() == 0:
+            for step, base in zip(steps, names):
+                os.replace(os.path.join(self.directory, str(step)),
+                           os.path.join(self.directory, base))
+        if multi:
+            ocp.multihost.sync_global_processes("daug_checkpoint_set_aside")
+        self._manager.reload()
+        return names
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

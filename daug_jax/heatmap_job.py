@@ -8,7 +8,8 @@ record i is ``{"index": i, "id": <source id>, "heatmaps": [H, W, K]}`` and a ``m
 (scale constant, targets, encode level, DDIM steps, guidance scale).  The scale constant is
 calibrated once on the first images of the first split and kept in ``calibration.json``, so all
 splits, and a rerun, share it.  An interrupted job rerun with the same command redoes only the
-shards that are not complete.
+shards that are not complete; ``<out>/.daug-lock`` keeps a second job off the same
+directory while one runs (`daug_jax.lock`).
 
 ``daug-jax bench heatmaps`` times the compiled program against the Python-dispatched loop.
 """
@@ -32,6 +33,7 @@ from daug_jax.files import write_json
 from daug_jax.heatmaps import (HeatmapFn, calibrate_scale, init_models, load_models,
                                make_heatmap_fn, scale_heatmaps, to_model_space,
                                translate_python_loop)
+from daug_jax.lock import workdir_lock
 
 _METADATA = "metadata.json"
 _CALIBRATION = "calibration.json"
@@ -56,7 +58,8 @@ def _num_records(path: str) -> int | None:
 
 def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scale_constant: float,
                           *, batch_size: int = 16, shard_size: int = 256, dtype: str = "uint8",
-                          extra_metadata: dict | None = None) -> dict:
+                          extra_metadata: dict | None = None,
+                          process: tuple[int, int] | None = None) -> dict:
     """Writes the heatmaps of every record of ``source``, aligned 1:1 with it; returns the metadata.
 
     source: random-access split whose records have "id" and "image" ([H, W, C] uint8, or float in
@@ -65,9 +68,11 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
     (uint8 = round(255 * channel), or float16), stored in array_record shards of ``shard_size``
     records.  Each shard is written under a temporary name and renamed once complete, so a rerun
     after an interruption redoes only the shards that are not there and the result has exactly one
-    record per source id.  With several processes (``jax.process_count()``), process p writes
-    shards p, p + P, ...; a killed process's shards are completed by the rerun.  ``metadata.json`` holds the scale constant, the targets and the DDIM
-    settings; a rerun with different settings is refused rather than mixed in.
+    record per source id.  With several processes (``process`` = (p, P), default
+    ``(jax.process_index(), jax.process_count())``), process p writes shards p, p + P, ...; a
+    killed process's shards are completed by the rerun.  ``metadata.json`` holds the scale
+    constant, the targets and the DDIM settings; a rerun with different settings is refused
+    rather than mixed in.
     """
     if dtype not in ("uint8", "float16"):
         raise ValueError(f"dtype must be 'uint8' or 'float16', got {dtype!r}")
@@ -93,7 +98,8 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
                              f"{[meta.get(k) for k in diff]}); use another output directory")
     write_json(meta_path, meta)  # every process writes the same bytes (atomic rename)
     # Process p of P owns shards p, p + P, ...: each writes its own files, none waits for another.
-    mine = range(jax.process_index(), num_shards, jax.process_count())
+    index, count = (jax.process_index(), jax.process_count()) if process is None else process
+    mine = range(index, num_shards, count)
     for k in mine:                            # leftovers of this process's interrupted shards
         tmp = os.path.join(out_dir, meta["shards"][k] + ".tmp")
         if os.path.exists(tmp):
@@ -237,8 +243,6 @@ def calibrate(heatmap_fn: HeatmapFn, source: Any, out_dir: str, *, num_images: i
 
 # ----------------------------------------------------------------------------- CLI
 def _run(argv: list[str]) -> int:
-    from daug_jax import parallel
-    from daug_jax.config import load_config
     from daug_jax.data import registry
 
     parser = argparse.ArgumentParser(prog="daug-jax heatmaps", description=__doc__.splitlines()[0])
@@ -251,7 +255,39 @@ def _run(argv: list[str]) -> int:
     parser.add_argument("--splits", default="train,validation,test")
     registry.add_data_args(parser)
     args = parser.parse_args(argv)
-    parallel.maybe_initialize_distributed()
+    process = _job_process()
+    # One job per output directory; its processes share the lock (`daug_jax.lock`).
+    with workdir_lock(args.out, what="heatmaps"):
+        return _write_all(args, process)
+
+
+def _job_process() -> tuple[int, int]:
+    """``(p, P)``: this process's index in its heatmap job and the job's process count.
+
+    Read from ``DAUG_PROCESS_ID`` / ``DAUG_NUM_PROCESSES`` without joining JAX's distributed
+    runtime: the processes share no computation, and the runtime would tie each one to the
+    others' lives (a shutdown barrier at exit, heartbeats that abort the survivors when one
+    dies), where a killed process must cost only its own shards.  ``DAUG_DISTRIBUTED=auto``
+    (cluster discovery) still goes through the runtime.
+    """
+    from daug_jax import parallel
+
+    if os.environ.get("DAUG_DISTRIBUTED") == "auto":
+        parallel.maybe_initialize_distributed()
+        return jax.process_index(), jax.process_count()
+    if not os.environ.get("DAUG_COORDINATOR"):
+        return 0, 1
+    count, index = int(os.environ["DAUG_NUM_PROCESSES"]), int(os.environ["DAUG_PROCESS_ID"])
+    if not 0 <= index < count:
+        raise ValueError(f"DAUG_PROCESS_ID={index} is not in [0, DAUG_NUM_PROCESSES={count})")
+    return index, count
+
+
+def _write_all(args: argparse.Namespace, process: tuple[int, int]) -> int:
+    """The heatmap datasets of ``args.splits`` under ``args.out``, this process's shards."""
+    from daug_jax.config import load_config
+    from daug_jax.data import registry
+
     config = load_config(args.config, args.set)
     registry.apply_data_args(config, args)
     h = config.heatmaps
@@ -269,12 +305,13 @@ def _run(argv: list[str]) -> int:
     scale_constant = calibration["scale_constant"]
     print(f"heatmaps: {dataset.name}, targets {[t.spec for t in heatmap_fn.targets]}, scale "
           f"constant {scale_constant:.4g} (raw |x_c - x0| at the {h.calibration.percentile}th "
-          f"percentile), process {jax.process_index() + 1} of {jax.process_count()}")
+          f"percentile), process {process[0] + 1} of {process[1]}")
     for split, source in sources.items():
         meta = write_heatmap_dataset(
             source, os.path.join(args.out, split), heatmap_fn, scale_constant,
             batch_size=h.batch_size, shard_size=h.shard_size, dtype=h.dtype,
-            extra_metadata={"split": split, "dataset": dataset.name, "calibration": calibration})
+            extra_metadata={"split": split, "dataset": dataset.name, "calibration": calibration},
+            process=process)
         print(f"heatmaps {split}: {meta['num_records']} records in {len(meta['shards'])} shards "
               f"under {os.path.join(args.out, split)}")
     return 0

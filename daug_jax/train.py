@@ -354,8 +354,11 @@ def main(command: str, argv: list[str]) -> int:
     split = config.data.get("train_split", "train")
     source = dataset.source(split)
     heatmaps = open_heatmaps(config, source, split)
-    _, history = train_towers(config, source, args.workdir, class_names=dataset.class_names,
-                              heatmaps=heatmaps, until_step=args.until_step)
+    from daug_jax.lock import workdir_lock
+
+    with workdir_lock(args.workdir, what=command):  # one run per workdir
+        _, history = train_towers(config, source, args.workdir, class_names=dataset.class_names,
+                                  heatmaps=heatmaps, until_step=args.until_step)
     if history:
         a, b = history[0], history[-1]
         print(f"towers: steps {a['step']} -> {b['step']}: image-text loss {a['image_text']:.4f} -> "

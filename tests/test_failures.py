@@ -92,3 +92,28 @@ def test_non_finite_training_stops_and_keeps_the_last_finite_checkpoint(tmp_path
     history = [json.loads(r) for r in open(os.path.join(skipping, "metrics.jsonl"))]
     assert sum(r["skipped"] for r in history) > 0
     assert all(_finite_checkpoints(skipping).values())
+
+
+def test_second_run_on_a_workdir_fails_at_once_naming_the_holder(tmp_path, capsys):
+    import socket
+    import time
+
+    workdir = tmp_path / "towers"
+    args = ["train", "--workdir", str(workdir), "--data-dir", str(tmp_path / "tfds"),
+            *_sets(TOWERS + ["train.steps=100000", "train.checkpoint_every=50000"])]
+    env = _subproc.jax_env(str(tmp_path / "cache"))
+    first = _subproc.start(_subproc.CLI + args, env, str(tmp_path / "first.log"))
+    try:
+        lock = workdir / ".daug-lock"
+        deadline = time.time() + 240
+        while not lock.exists():  # the first run holds the workdir once it starts training
+            assert first.poll() is None, _subproc.tail(str(tmp_path / "first.log"))
+            assert time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.5)
+        capsys.readouterr()
+        assert cli.main(args) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"is in use by pid {first.pid} on {socket.gethostname()}" in last, last
+        assert last.startswith("daug-jax train: error: ")
+    finally:
+        _subproc.kill(first)

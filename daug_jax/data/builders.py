@@ -151,7 +151,10 @@ def main(command: str, argv: list[str]) -> int:
         image_size=args.size, num_train=args.num_train, num_validation=args.num_validation,
         num_test=args.num_test, seed=args.seed))
     builder = SyntheticCxr(config=config, data_dir=args.data_dir)
-    builder.download_and_prepare()
+    from daug_jax.lock import workdir_lock
+
+    with workdir_lock(args.data_dir, what=command):  # two builds would mix their files
+        builder.download_and_prepare()
     for split in SPLITS:
         print(f"synthetic_cxr/{config.name} {split}: {len(builder.as_data_source(split=split))} "
               f"records in {builder.data_dir}")

@@ -251,7 +251,12 @@ def _fit(*, name: str, spec: str, meta: dict, reader: BatchReader,
     image_shape = tuple(meta["image_shape"])
     fields = ("image", "labels", "label_mask") if meta["kind"] == "classifier" else ("image",)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tcfg.save_every)
-    start = ckpt.latest_step() or 0
+    meta_path, log_path = os.path.join(workdir, "meta.json"), os.path.join(workdir, "log.jsonl")
+    if ckpt.latest_step() and os.path.exists(meta_path):
+        with open(meta_path) as f:  # before restoring: a changed architecture would not fit
+            _check_resume(json.load(f), meta, workdir)
+    # Restored before the stream starts: a damaged newest checkpoint falls back to an older step.
+    state, _, start = ckpt.restore_or(_abstract_state(init, image_shape, mesh))
     batches = train_batches(reader, int(tcfg.batch_size), seed=int(tcfg.seed), start_step=start,
                             num_threads=int(tcfg.get("input_threads", 2)))
     first = next(batches)  # bad input fails here, before anything is written
@@ -259,13 +264,7 @@ def _fit(*, name: str, spec: str, meta: dict, reader: BatchReader,
         raise ValueError(f"{name}: records have images of shape {list(first['image'].shape[1:])}, "
                          f"the dataset declares {list(image_shape)}")
     os.makedirs(workdir, exist_ok=True)
-    meta_path, log_path = os.path.join(workdir, "meta.json"), os.path.join(workdir, "log.jsonl")
-    if start:
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:  # before restoring: a changed architecture would not fit
-                _check_resume(json.load(f), meta, workdir)
-        state, _ = ckpt.restore(_abstract_state(init, image_shape, mesh), start)
-    else:
+    if not start:
         state = init(prng_key(tcfg.seed), image_shape)
     lead = jax.process_index() == 0
     if lead:
@@ -398,6 +397,7 @@ def load_classifier(workdir: str, mesh=None) -> tuple[NoiseAwareClassifier, Any,
 def main(command: str, argv: list[str]) -> int:
     from daug_jax.config import load_config
     from daug_jax.data import registry
+    from daug_jax.lock import workdir_lock
 
     kind = "classifier" if command == "train-classifier" else "diffusion"
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}")
@@ -412,11 +412,12 @@ def main(command: str, argv: list[str]) -> int:
     registry.apply_data_args(config, args)
     dataset = registry.open_dataset(config.data)
     source = dataset.source(config.data.get("train_split", "train"))
-    if kind == "diffusion":
-        train_diffusion(config, source, args.workdir)
-    else:
-        train_classifier(config, source, args.workdir, class_names=dataset.class_names,
-                         label_policy=config.data.get("label_policy", "ignore"))
+    with workdir_lock(args.workdir, what=command):  # one run per workdir
+        if kind == "diffusion":
+            train_diffusion(config, source, args.workdir)
+        else:
+            train_classifier(config, source, args.workdir, class_names=dataset.class_names,
+                             label_policy=config.data.get("label_policy", "ignore"))
     print(f"{command}: {dataset.name} ({len(source)} films); checkpoints, meta.json and "
           f"log.jsonl in {args.workdir}")
     return 0

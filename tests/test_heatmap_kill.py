@@ -1,0 +1,130 @@
+"""``daug-jax heatmaps`` as two processes: process 1 SIGKILLed mid-job, process 0 finishes on its
+own, the dataset is incomplete; the same two commands rerun complete it with exactly one record
+per source id, in split order (the killed process's stale lock and ``.tmp`` shard do not stop it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+import _subproc
+from daug_jax import cli
+from daug_jax.heatmap_job import HeatmapSource
+from daug_jax.lock import LOCK_NAME
+
+SIZE, NUM_TRAIN, SHARD = 32, 64, 8  # 8 shards: process 0 writes 0, 2, 4, 6 and process 1 the rest
+DATA = ["data.num_train=64", "data.num_validation=8", "data.num_test=8", f"data.image_size={SIZE}"]
+MODELS = ["unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
+          "classifier.ch=8", "classifier.channel_mult=(1,)", "classifier.norm_groups=4",
+          "unet_train.steps=2", "unet_train.batch_size=8", "unet_train.save_every=2",
+          "unet_train.warmup_steps=1", "unet_train.log_every=2",
+          "classifier_train.steps=2", "classifier_train.batch_size=8",
+          "classifier_train.save_every=2", "classifier_train.warmup_steps=1",
+          "classifier_train.log_every=2"]
+# Two batches per shard: process 1 still has most of its work ahead when its first shard lands.
+HEATMAPS = ["heatmaps.targets='No Finding'", "heatmaps.num_steps=2", "heatmaps.batch_size=4",
+            f"heatmaps.shard_size={SHARD}", "heatmaps.calibration.num_images=8"]
+TIMEOUT = 240
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def _shards(split_dir, suffix=".array_record") -> list[int]:
+    """Indices of the shard files in ``split_dir`` ending in ``suffix``."""
+    if not os.path.isdir(split_dir):
+        return []
+    return sorted(int(n.split("-")[1]) for n in os.listdir(split_dir)
+                  if n.startswith("heatmaps-") and n.endswith(suffix))
+
+
+def _start_job(tmp, out, tag):
+    """Both processes of one ``daug-jax heatmaps`` job (a fresh coordinator port each time)."""
+    env = _subproc.jax_env(str(tmp / "jax-cache"))
+    port = _subproc.free_port()
+    cmd = _subproc.CLI + ["heatmaps", "--diffusion", tmp / "diffusion", "--classifier",
+                          tmp / "classifier", "--out", out, "--splits", "train",
+                          "--data", "synthetic_cxr", "--data-dir", tmp / "tfds",
+                          *_sets(DATA + HEATMAPS)]
+    procs = []
+    for rank in range(2):
+        penv = {**env, "DAUG_COORDINATOR": f"127.0.0.1:{port}", "DAUG_NUM_PROCESSES": "2",
+                "DAUG_PROCESS_ID": str(rank)}
+        procs.append(_subproc.start([str(c) for c in cmd], penv, str(tmp / f"{tag}{rank}.log")))
+    return procs
+
+
+def _wait_ok(proc, log, timeout=TIMEOUT):
+    proc.wait(timeout=timeout)
+    assert proc.returncode == 0, _subproc.tail(log)
+
+
+def _kill_after_its_first_shard(proc, split_dir, log):
+    """SIGKILLs ``proc`` (process 1) once one of its (odd) shards is complete on disk."""
+    deadline = time.monotonic() + TIMEOUT
+    while not any(k % 2 for k in _shards(split_dir)):
+        assert proc.poll() is None, f"exited before its first shard:\n{_subproc.tail(log)}"
+        assert time.monotonic() < deadline, f"no shard in {TIMEOUT} s:\n{_subproc.tail(log)}"
+        time.sleep(0.005)
+    _subproc.kill(proc)  # reaped too: its pid is dead, as after a crash
+
+
+def test_killed_process_then_rerun_gives_one_record_per_id(tmp_path):
+    data = ["--data", "synthetic_cxr", "--data-dir", str(tmp_path / "tfds"), *_sets(DATA)]
+    for command in ("train-diffusion", "train-classifier"):
+        assert cli.main([command, "--workdir", str(tmp_path / command.split("-")[1]), *data,
+                         *_sets(MODELS)]) == 0
+    out, split_dir = tmp_path / "heatmaps", tmp_path / "heatmaps" / "train"
+    procs = _start_job(tmp_path, out, "first")
+    try:
+        _kill_after_its_first_shard(procs[1], str(split_dir), str(tmp_path / "first1.log"))
+        _wait_ok(procs[0], str(tmp_path / "first0.log"))  # does not wait for process 1
+    finally:
+        for proc in procs:
+            _subproc.kill(proc)
+    done = _shards(split_dir)
+    assert [k for k in done if k % 2 == 0] == [0, 2, 4, 6], done
+    missing = sorted({1, 3, 5, 7} - set(done))
+    assert missing, f"process 1 finished all its shards before it was killed: {done}"
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        HeatmapSource(str(split_dir))
+
+    # What a crash of process 1 leaves, if the timing did not: a half-written shard, and its
+    # lock when it was the job's first process to take it.
+    name = json.loads((split_dir / "metadata.json").read_text())["shards"][missing[0]]
+    if not _shards(split_dir, ".tmp"):
+        (split_dir / f"{name}.tmp").write_bytes(b"half a shard")
+    if not (out / LOCK_NAME).exists():
+        (out / LOCK_NAME).write_text(json.dumps({
+            "pid": procs[1].pid, "host": socket.gethostname(), "started": "earlier",
+            "run": "127.0.0.1:1/2", "what": "heatmaps"}))
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == procs[1].pid
+
+    procs = _start_job(tmp_path, out, "rerun")
+    try:
+        for rank, proc in enumerate(procs):
+            _wait_ok(proc, str(tmp_path / f"rerun{rank}.log"))
+    finally:
+        for proc in procs:
+            _subproc.kill(proc)
+    logs = "".join(_subproc.tail(str(tmp_path / f"rerun{r}.log"), 10**6) for r in range(2))
+    assert f"taking over the lock of {out}" in logs
+    assert not (out / LOCK_NAME).exists() and not _shards(split_dir, ".tmp")
+
+    from daug_jax.data import registry
+    import ml_collections
+
+    source = registry.open_dataset(ml_collections.ConfigDict(dict(
+        name="synthetic_cxr", data_dir=str(tmp_path / "tfds"), image_size=SIZE,
+        num_train=NUM_TRAIN, num_validation=8, num_test=8))).source("train")
+    maps = HeatmapSource(str(split_dir))
+    ids = [maps[i]["id"] for i in range(len(maps))]
+    want = [source[i]["id"].decode() for i in range(len(source))]
+    assert len(ids) == len(want) == NUM_TRAIN and ids == want  # one per source id, in order
+    assert [maps[i]["index"] for i in range(len(maps))] == list(range(NUM_TRAIN))
