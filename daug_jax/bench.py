@@ -270,10 +270,9 @@ def bench_input(config: Any, data_config: Any, batch: int, steps: int, repeats: 
     config = config.copy_and_resolve_references()
     config.train.batch_size = batch
     reader = tower_inputs.make_reader(config, source, dataset.class_names)
-    first = reader(range(2 * batch))
     with tempfile.TemporaryDirectory() as workdir:
-        step_fn, init_state, _ = towers_step(config, {**first, "labels": pipeline.read(
-            source, range(2 * batch))["labels"]}, workdir)
+        step_fn, init_state, _ = towers_step(config, pipeline.read(source, range(2 * batch)),
+                                             workdir)
         tokenizer = tower_inputs.make_tokenizer(config.model.text, (), workdir)
     arrays = tower_inputs.tower_batch(config, tokenizer, reader(range(batch * steps)))
     state = init_state(mesh)

@@ -144,11 +144,6 @@ class Checkpointer:
         self._report(damaged, used)
         return state, meta
 
-    def restore_latest(self, template: Any) -> tuple[Any, dict, int]:
-        """``(state, meta, step)`` of the newest checkpoint that reads (see `restore`)."""
-        state, meta = self.restore(template)
-        return state, meta, self.restored_step
-
     def restore_or(self, template: Any) -> tuple[Any, dict, int]:
         """``(state, meta, step)`` to resume from: the newest checkpoint that reads, or
         ``(template, {}, 0)`` if there is none.

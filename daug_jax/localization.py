@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from daug_jax import metrics
+from daug_jax.data.pipeline import pad_rows
 from daug_jax.diffusion import sampling
 from daug_jax.files import save_figure, write_json
 from daug_jax.heatmaps import TranslationModels, raw_heatmap
@@ -86,11 +87,6 @@ def select_cases(labels: np.ndarray, regions: dict[str, np.ndarray],
     return cases
 
 
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    """Pads the leading axis to ``size`` by repeating the last row (one compiled batch shape)."""
-    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
-
-
 def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, *,
                     scales: Sequence[float], level: int, num_steps: int, smooth_sigma: float,
                     batch_size: int, data_classes: Sequence[str], modes: dict | None = None) -> dict:
@@ -117,7 +113,7 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
     encoded = {}
     for start in tqdm(range(0, len(used), batch_size), desc="encode", unit="batch"):
         rows = used[start:start + batch_size]
-        x_L = jax.device_get(encode(models.eps_fn, _pad(images[rows], batch_size)))
+        x_L = jax.device_get(encode(models.eps_fn, pad_rows(images[rows], batch_size)))
         encoded.update(zip(rows.tolist(), x_L[:len(rows)]))
 
     # Class index in the classifier's logits, and the direction of each mode's guidance.
@@ -143,9 +139,9 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
                                   else logit_index[c] for c in cls[start:start + batch_size]],
                                  np.int32)
                 x_c, heat = decode(models.eps_fn, models.logit_fn,
-                                   _pad(images[rows], batch_size),
-                                   _pad(np.stack([encoded[r] for r in rows.tolist()]), batch_size),
-                                   _pad(index, batch_size), direction, np.float32(scale))
+                                   pad_rows(images[rows], batch_size),
+                                   pad_rows(np.stack([encoded[r] for r in rows.tolist()]), batch_size),
+                                   pad_rows(index, batch_size), direction, np.float32(scale))
                 parts.append(jax.device_get((x_c[:n], heat[:n])))
                 bar.update(1)
             out[float(scale)][mode] = {

@@ -204,8 +204,12 @@ def train_towers(config: ml_collections.ConfigDict, source: Any, workdir: str, *
     reports = report_corpus(reader) if reader.reports and not text_cfg.get("path") else ()
     os.makedirs(workdir, exist_ok=True)
     tokenizer = make_tokenizer(text_cfg, reports, workdir, names)
-    batches = train_batches(reader, int(train_cfg.batch_size), seed=int(train_cfg.seed),
-                            num_threads=int(train_cfg.get("input_threads", 2)))
+    def stream(start_step: int):  # batches are a function of (seed, step)
+        return train_batches(reader, int(train_cfg.batch_size), seed=int(train_cfg.seed),
+                             start_step=start_step,
+                             num_threads=int(train_cfg.get("input_threads", 2)))
+
+    batches = stream(0)
     first = tower_batch(config, tokenizer, next(batches))  # bad input fails here
     class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
         tokenizer, class_prompts(names), int(text_cfg.max_length)))
@@ -231,10 +235,8 @@ def train_towers(config: ml_collections.ConfigDict, source: Any, workdir: str, *
         if key in saved_meta and saved_meta[key] != value:
             raise ValueError(f"{workdir} holds a run with {key}={saved_meta[key]!r}, this config "
                              f"has {value!r}; use another --workdir")
-    if start:  # batches are a function of (seed, step): restart the stream at the restored step
-        batches = train_batches(reader, int(train_cfg.batch_size), seed=int(train_cfg.seed),
-                                start_step=start, num_threads=int(train_cfg.get("input_threads", 2)))
-        first = None
+    if start:  # resumed: the stream restarts at the restored step
+        batches, first = stream(start), None
     log_path = os.path.join(workdir, "metrics.jsonl")
     history = _read_history(log_path, start)
 

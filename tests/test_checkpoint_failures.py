@@ -13,18 +13,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import _tiny
 from daug_jax import cli
 from daug_jax.checkpoint import Checkpointer
 
 SIZE = 32
-MODELS = ["unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
-          "classifier.ch=8", "classifier.channel_mult=(1,)", "classifier.norm_groups=4",
-          "unet_train.steps=4", "unet_train.batch_size=8", "unet_train.save_every=2",
-          "unet_train.warmup_steps=1", "unet_train.log_every=2",
-          "classifier_train.steps=4", "classifier_train.batch_size=8",
-          "classifier_train.save_every=2", "classifier_train.warmup_steps=1",
-          "classifier_train.log_every=2", f"data.image_size={SIZE}",
-          "data.num_train=32", "data.num_validation=8", "data.num_test=8"]
+MODELS = _tiny.diffusion(steps=4, save_every=2) + [
+    f"data.image_size={SIZE}", "data.num_train=32", "data.num_validation=8", "data.num_test=8"]
 
 
 def _state(step: int) -> dict:
@@ -67,7 +62,8 @@ def test_restore_falls_back_to_the_newest_readable_step(tmp_path, capsys):
     np.testing.assert_array_equal(state["w"], _state(2)["w"])
     np.testing.assert_array_equal(state["b"], _state(2)["b"])
     # An explicit request for the damaged step falls back the same way.
-    assert ckpt.restore_latest(_state(0))[2] == 2
+    ckpt.restore(_state(0))
+    assert ckpt.restored_step == 2
     ckpt.restore(_state(0), step=3)
     assert ckpt.restored_step == 2 and len(_warnings(capsys.readouterr().err)) == 2
     ckpt.close()
@@ -115,7 +111,7 @@ def test_heatmaps_load_and_training_resumes_past_a_damaged_checkpoint(tmp_path, 
     the training command rerun resumes from step 2."""
     from daug_jax.heatmaps import load_models
 
-    sets = [a for item in MODELS for a in ("--set", item)]
+    sets = _tiny.sets(MODELS)
     for command in ("train-diffusion", "train-classifier"):
         workdir = tmp_path / command.split("-")[1]
         assert cli.main([command, "--workdir", str(workdir), "--data-dir",

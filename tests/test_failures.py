@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import _subproc
+import _tiny
 from daug_jax import cli
 from daug_jax.config import load_config
 
@@ -18,10 +19,6 @@ TOWERS = ["model.vision.resnet={'stage_sizes': (1,), 'widths': (8,), 'stem_width
           "model.text.intermediate_size=32", "model.text.max_length=48", "model.embed_dim=16",
           "train.batch_size=8", "train.warmup=1", "train.log_every=5",
           "data.num_train=32", "data.num_validation=8", "data.num_test=8"]
-
-
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
 
 
 def test_user_error_is_one_line_with_status_2_and_debug_shows_the_traceback(tmp_path):
@@ -79,7 +76,7 @@ def test_non_finite_training_stops_and_keeps_the_last_finite_checkpoint(tmp_path
     checkpoint left is finite; with train.skip_nonfinite the steps are skipped and counted."""
     workdir = str(tmp_path / "nan")
     args = ["train", "--workdir", workdir, "--data-dir", str(tmp_path / "tfds"),
-            *_sets(TOWERS + ["train.lr=1e8", "train.steps=30", "train.checkpoint_every=10"])]
+            *_tiny.sets(TOWERS + ["train.lr=1e8", "train.steps=30", "train.checkpoint_every=10"])]
     assert cli.main(args) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     step = int(re.search(r"non-finite training at step (\d+)", last).group(1))
@@ -100,7 +97,7 @@ def test_second_run_on_a_workdir_fails_at_once_naming_the_holder(tmp_path, capsy
 
     workdir = tmp_path / "towers"
     args = ["train", "--workdir", str(workdir), "--data-dir", str(tmp_path / "tfds"),
-            *_sets(TOWERS + ["train.steps=100000", "train.checkpoint_every=50000"])]
+            *_tiny.sets(TOWERS + ["train.steps=100000", "train.checkpoint_every=50000"])]
     env = _subproc.jax_env(str(tmp_path / "cache"))
     first = _subproc.start(_subproc.CLI + args, env, str(tmp_path / "first.log"))
     try:

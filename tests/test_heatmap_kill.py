@@ -13,27 +13,18 @@ import time
 import pytest
 
 import _subproc
+import _tiny
 from daug_jax import cli
 from daug_jax.heatmap_job import HeatmapSource
 from daug_jax.lock import LOCK_NAME
 
 SIZE, NUM_TRAIN, SHARD = 32, 64, 8  # 8 shards: process 0 writes 0, 2, 4, 6 and process 1 the rest
 DATA = ["data.num_train=64", "data.num_validation=8", "data.num_test=8", f"data.image_size={SIZE}"]
-MODELS = ["unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
-          "classifier.ch=8", "classifier.channel_mult=(1,)", "classifier.norm_groups=4",
-          "unet_train.steps=2", "unet_train.batch_size=8", "unet_train.save_every=2",
-          "unet_train.warmup_steps=1", "unet_train.log_every=2",
-          "classifier_train.steps=2", "classifier_train.batch_size=8",
-          "classifier_train.save_every=2", "classifier_train.warmup_steps=1",
-          "classifier_train.log_every=2"]
+MODELS = _tiny.diffusion(steps=2, save_every=2)
 # Two batches per shard: process 1 still has most of its work ahead when its first shard lands.
 HEATMAPS = ["heatmaps.targets='No Finding'", "heatmaps.num_steps=2", "heatmaps.batch_size=4",
             f"heatmaps.shard_size={SHARD}", "heatmaps.calibration.num_images=8"]
 TIMEOUT = 240
-
-
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
 
 
 def _shards(split_dir, suffix=".array_record") -> list[int]:
@@ -51,7 +42,7 @@ def _start_job(tmp, out, tag):
     cmd = _subproc.CLI + ["heatmaps", "--diffusion", tmp / "diffusion", "--classifier",
                           tmp / "classifier", "--out", out, "--splits", "train",
                           "--data", "synthetic_cxr", "--data-dir", tmp / "tfds",
-                          *_sets(DATA + HEATMAPS)]
+                          *_tiny.sets(DATA + HEATMAPS)]
     procs = []
     for rank in range(2):
         penv = {**env, "DAUG_COORDINATOR": f"127.0.0.1:{port}", "DAUG_NUM_PROCESSES": "2",
@@ -76,10 +67,10 @@ def _kill_after_its_first_shard(proc, split_dir, log):
 
 
 def test_killed_process_then_rerun_gives_one_record_per_id(tmp_path):
-    data = ["--data", "synthetic_cxr", "--data-dir", str(tmp_path / "tfds"), *_sets(DATA)]
+    data = ["--data", "synthetic_cxr", "--data-dir", str(tmp_path / "tfds"), *_tiny.sets(DATA)]
     for command in ("train-diffusion", "train-classifier"):
         assert cli.main([command, "--workdir", str(tmp_path / command.split("-")[1]), *data,
-                         *_sets(MODELS)]) == 0
+                         *_tiny.sets(MODELS)]) == 0
     out, split_dir = tmp_path / "heatmaps", tmp_path / "heatmaps" / "train"
     procs = _start_job(tmp_path, out, "first")
     try:

@@ -14,18 +14,13 @@ import numpy as np
 import pytest
 
 import _subproc
+import _tiny
 from daug_jax import cli
 from daug_jax.heatmap_job import HeatmapSource
 from fixtures_real import make_chexpert_synthetic_tree, make_mimic_synthetic_tree
 
 SIZE = 32
-DIFFUSION = ["unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
-             "classifier.ch=8", "classifier.channel_mult=(1,)", "classifier.norm_groups=4",
-             "unet_train.steps=4", "unet_train.batch_size=8", "unet_train.save_every=4",
-             "unet_train.warmup_steps=1", "unet_train.log_every=2",
-             "classifier_train.steps=4", "classifier_train.batch_size=8",
-             "classifier_train.save_every=4", "classifier_train.warmup_steps=1",
-             "classifier_train.log_every=2", f"data.image_size={SIZE}"]
+DIFFUSION = _tiny.diffusion(steps=4, save_every=4) + [f"data.image_size={SIZE}"]
 HEATMAPS = ["heatmaps.targets='No Finding'", "heatmaps.num_steps=2", "heatmaps.batch_size=8",
             "heatmaps.shard_size=32", "heatmaps.calibration.num_images=8"]
 TOWERS = ["model.vision.resnet={'stage_sizes': (1,), 'widths': (8,), 'stem_width': 8}",
@@ -34,10 +29,6 @@ TOWERS = ["model.vision.resnet={'stage_sizes': (1,), 'widths': (8,), 'stem_width
           "train.steps=6", "train.batch_size=8", "train.checkpoint_every=6", "train.log_every=3",
           "train.warmup=1", "train.lr=0.01", f"data.image_size={SIZE}",
           "model.vision.fill=heatmaps", "model.vision.in_channels=2"]
-
-
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
 
 
 def _cli(*argv):
@@ -58,7 +49,7 @@ def _heatmaps_two_processes(tmp, data, splits, out):
     port = _subproc.free_port()
     cmd = _subproc.CLI + ["heatmaps", "--diffusion", tmp / "diffusion", "--classifier",
                           tmp / "classifier", "--out", out, "--splits", splits,
-                          *data, *_sets(HEATMAPS)]
+                          *data, *_tiny.sets(HEATMAPS)]
     procs = []
     for rank in range(2):
         penv = {**env, "DAUG_COORDINATOR": f"127.0.0.1:{port}", "DAUG_NUM_PROCESSES": "2",
@@ -105,8 +96,8 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
     data = ["--data", dataset, "--data-dir", tfds_dir]
     _cli("data", "prepare", dataset, "--manual-dir", manual, "--data-dir", tfds_dir,
          "--size", SIZE)
-    _cli("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_sets(DIFFUSION))
-    _cli("train-classifier", "--workdir", tmp_path / "classifier", *data, *_sets(DIFFUSION))
+    _cli("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_tiny.sets(DIFFUSION))
+    _cli("train-classifier", "--workdir", tmp_path / "classifier", *data, *_tiny.sets(DIFFUSION))
     meta = json.loads((tmp_path / "classifier" / "meta.json").read_text())
     assert len(meta["class_names"]) == 14 and meta["image_shape"] == [SIZE, SIZE, 1]
 
@@ -117,7 +108,7 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
         _user_error(capsys, "unknown class 'Pneumonitis' in heatmap target", "heatmaps",
                     *models, *data, "--targets", "Pneumonitis", "--out", tmp_path / "bad")
         _cli("localize", *models, "--data", "synthetic_cxr", "--data-dir", tfds_dir,
-             "--out", tmp_path / "loc", "--sweep", "1", *_sets(HEATMAPS + [
+             "--out", tmp_path / "loc", "--sweep", "1", *_tiny.sets(HEATMAPS + [
                  "data.num_train=16", "data.num_validation=4", "data.num_test=48",
                  "heatmaps.localization.cases_per_class=2", "heatmaps.localization.pool_size=48",
                  "heatmaps.localization.examples_per_class=1"]))
@@ -128,7 +119,7 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
         _check_heatmaps(out, split, info["num_frontal"][split],
                         _split_ids(dataset, tfds_dir, split))
 
-    _cli("train", "--workdir", tmp_path / "towers", *data, *_sets(towers),
+    _cli("train", "--workdir", tmp_path / "towers", *data, *_tiny.sets(towers),
          "--set", f"data.heatmaps_dir={out}")
     history = [json.loads(r) for r in open(tmp_path / "towers" / "metrics.jsonl")]
     assert [r["step"] for r in history] == [3, 6]
@@ -179,7 +170,7 @@ def test_bad_input_is_named_before_training(tmp_path, capsys):
 
     def train(pattern, maps, *extra):
         _user_error(capsys, pattern, "train", "--workdir", tmp_path / "towers", "--data",
-                    "mimic_cxr", "--data-dir", tfds_dir, *_sets(TOWERS + list(extra)),
+                    "mimic_cxr", "--data-dir", tfds_dir, *_tiny.sets(TOWERS + list(extra)),
                     "--set", f"data.heatmaps_dir={tmp_path / maps}")
 
     train(r"has 8 records, the image split 24", "wrong")
@@ -203,10 +194,10 @@ def test_nih_localization_by_cli(tmp_path, capsys):
     data = ["--data", "nih_cxr14", "--data-dir", tfds_dir]
     _cli("data", "prepare", "nih_cxr14", "--manual-dir", manual, "--data-dir", tfds_dir,
          "--size", SIZE)
-    _cli("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_sets(DIFFUSION))
-    _cli("train-classifier", "--workdir", tmp_path / "classifier", *data, *_sets(DIFFUSION))
+    _cli("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_tiny.sets(DIFFUSION))
+    _cli("train-classifier", "--workdir", tmp_path / "classifier", *data, *_tiny.sets(DIFFUSION))
     _cli("localize", "--diffusion", tmp_path / "diffusion", "--classifier", tmp_path / "classifier",
-         *data, "--out", tmp_path / "loc", "--sweep", "1", *_sets(HEATMAPS + [
+         *data, "--out", tmp_path / "loc", "--sweep", "1", *_tiny.sets(HEATMAPS + [
              "heatmaps.localization.cases_per_class=2", "heatmaps.localization.pool_size=100000",
              "heatmaps.localization.examples_per_class=1"]))
     loc = json.loads((tmp_path / "loc" / "localization.json").read_text())

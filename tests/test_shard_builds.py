@@ -15,7 +15,7 @@ from tensorflow_datasets.core import shuffle
 
 import fixtures_real as fx
 from daug_jax import cli
-from daug_jax.data import builders, chexpert, mimic_cxr, synthetic
+from daug_jax.data import builders, chexpert, mimic_cxr, pipeline, synthetic
 from daug_jax.data import real_common as rc
 
 C = {name: i for i, name in enumerate(rc.CHEXPERT_CLASSES)}
@@ -55,7 +55,7 @@ def test_synthetic_build_past_the_shuffle_buffer(tiny_buffers, tmp_path):
         records = [sources[split][i] for i in range(n)]
         assert [r["id"].decode() for r in records] == list(ref["id"])  # index order
         for j, r in enumerate(records):
-            np.testing.assert_allclose(builders.to_float_image(r["image"]), ref["image"][j],
+            np.testing.assert_allclose(pipeline.to_unit_float(r["image"]), ref["image"][j],
                                        atol=0.5 / 255 + 1e-6)
             np.testing.assert_array_equal(r["labels"], ref["labels"][j])
             np.testing.assert_array_equal(r["masks"], ref["masks"][j])

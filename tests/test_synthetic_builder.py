@@ -28,7 +28,7 @@ def test_round_trip_equals_the_generator(built):
         rec = by_id[str(rid)]
         assert rec["image"].dtype == np.uint8 and rec["image"].shape == (32, 32, 1)
         # uint8 storage: at most half a grey level of rounding.
-        np.testing.assert_allclose(builders.to_float_image(rec["image"]), ref["image"][j],
+        np.testing.assert_allclose(pipeline.to_unit_float(rec["image"]), ref["image"][j],
                                    atol=0.5 / 255 + 1e-6)
         np.testing.assert_array_equal(rec["labels"], ref["labels"][j])
         np.testing.assert_array_equal(rec["masks"], ref["masks"][j])

@@ -21,7 +21,6 @@ import tensorflow_datasets as tfds
 
 from daug_jax.data import real_common as rc
 from daug_jax.data import synthetic
-from daug_jax.data.real_common import predefined
 
 SPLITS = ("train", "validation", "test")
 _CHUNK = 256  # records generated per call; record i depends only on (seed, i)
@@ -120,19 +119,15 @@ class SyntheticCxr(tfds.core.ShardBasedBuilder):
 def load_split(split: str, *, data_dir: str, config: SyntheticCxrConfig | None = None):
     """Builds ``synthetic_cxr`` if needed and returns a random-access source for ``split``.
 
-    Records come back with ``image`` as uint8 [H, W, 1]; use `to_float_image` for [0, 1] float32.
+    Records come back with ``image`` as uint8 [H, W, 1]; use `daug_jax.data.pipeline.to_unit_float`
+    for [0, 1] float32.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    config = predefined(SyntheticCxr, config or SyntheticCxr.BUILDER_CONFIGS[0])
+    config = rc.predefined(SyntheticCxr, config or SyntheticCxr.BUILDER_CONFIGS[0])
     builder = SyntheticCxr(config=config, data_dir=data_dir)
     builder.download_and_prepare()
     return builder.as_data_source(split=split)
-
-
-def to_float_image(image_uint8: np.ndarray) -> np.ndarray:
-    """uint8 pixels [..., H, W, 1] -> float32 in [0, 1]."""
-    return np.asarray(image_uint8, np.float32) / 255.0
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -147,7 +142,7 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--num-test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config = predefined(SyntheticCxr, SyntheticCxrConfig(
+    config = rc.predefined(SyntheticCxr, SyntheticCxrConfig(
         image_size=args.size, num_train=args.num_train, num_validation=args.num_validation,
         num_test=args.num_test, seed=args.seed))
     builder = SyntheticCxr(config=config, data_dir=args.data_dir)
