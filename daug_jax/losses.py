@@ -21,6 +21,13 @@ may have several findings; uncertain or missing labels (mask 0) contribute neith
 gradient.  Unlike the CLIP term it needs no negatives from the batch: a class prompt is a fixed
 target, which is why the class prompts become a ready-made linear classifier at inference.
 
+**Prompt forms** (`class_logits`, ``model.prompts``).  ``"single"``: one prompt per class, the
+logit above (the authors' ``label_bce`` mode).  ``"paired"``: an absent / present prompt pair per
+class (CheXzero's), scored by a softmax over the pair, ``P(c) = softmax([a·u·w⁰_c, a·u·w¹_c])[1]``,
+which is ``sigmoid(z_ic)`` with ``z_ic = a · (u_i·w¹_c − u_i·w⁰_c)``; the same masked BCE on that
+logit is the pair's cross-entropy.  The bias b cancels in the pair softmax and is not used.
+Training and scoring both call `class_logits`, so a model is scored in the form it was trained.
+
 **Hybrid.**  ``L = w · L_it + (1 − w) · L_ic`` with w = ``clip_weight`` (the paper's
 parameterisation): w = 1 is the plain CLIP baseline, w = 0 trains the class term alone (datasets
 without reports, and the paper's classification baseline).
@@ -39,6 +46,7 @@ import numpy as np
 import optax
 
 LABEL_POLICIES = ("ignore", "ones", "zeros")
+PROMPT_FORMS = ("single", "paired")
 
 
 def _f32(x) -> jax.Array:
@@ -72,27 +80,68 @@ def clip_loss(image_emb, text_emb, logit_scale) -> jax.Array:
     return 0.5 * (image_to_text.mean() + text_to_image.mean())
 
 
-def class_sigmoid_loss(image_emb, class_emb, labels, mask, scale, bias) -> jax.Array:
+def _check_form(form: str) -> None:
+    if form not in PROMPT_FORMS:
+        raise ValueError(f"unknown prompt form {form!r}; valid: {', '.join(PROMPT_FORMS)}")
+
+
+def class_logits(image_emb, class_emb, scale, bias, form: str = "single"):
+    """Image-class logits [B, C] of either prompt form; probabilities are ``sigmoid(logits)``.
+
+    image_emb: [B, D] L2-normalised.  class_emb: [C, D] for ``form="single"``, one prompt per
+    class; [2C, D] for ``form="paired"``, rows ``[absent_0 .. absent_{C-1}, present_0 ..
+    present_{C-1}]`` (the order of `two_tower.class_prompts(names, "paired")`).
+    scale, bias: scalars a, b.  "single": ``a · u @ wᵀ + b``.  "paired": ``a · (u @ w_presentᵀ −
+    u @ w_absentᵀ)``, the logit of the softmax over each pair; ``bias`` is ignored there (a
+    shared offset cancels in a softmax over two logits).
+    All-NumPy inputs give float64 NumPy (evaluation); any JAX input (or tracer) gives float32 JAX.
+    """
+    _check_form(form)
+    on_jax = any(isinstance(x, jax.Array) for x in (image_emb, class_emb, scale, bias))
+    xp, dtype = (jnp, jnp.float32) if on_jax else (np, np.float64)
+    u, w = xp.asarray(image_emb, dtype), xp.asarray(class_emb, dtype)
+    scale, bias = xp.asarray(scale, dtype), xp.asarray(bias, dtype)
+    if u.ndim != 2 or w.ndim != 2 or u.shape[1] != w.shape[1]:
+        raise ValueError(f"image_emb {tuple(u.shape)} and class_emb {tuple(w.shape)} must be "
+                         f"[B, D] and [K, D] with the same D")
+    if scale.ndim or bias.ndim:
+        raise ValueError(f"scale and bias must be scalars, got shapes {scale.shape}, {bias.shape}")
+    cos = u @ w.T  # [B, K]
+    if form == "single":
+        return scale * cos + bias
+    if w.shape[0] % 2:
+        raise ValueError(f"paired prompts need class_emb [2C, D] (absent rows, then present "
+                         f"rows), got shape {tuple(w.shape)}")
+    c = w.shape[0] // 2
+    return scale * (cos[:, c:] - cos[:, :c])
+
+
+def class_sigmoid_loss(image_emb, class_emb, labels, mask, scale, bias,
+                       form: str = "single") -> jax.Array:
     """Masked sigmoid cross-entropy between image embeddings and class-prompt embeddings.
 
-    image_emb: [B, D] L2-normalised.  class_emb: [C, D] L2-normalised, one row per class prompt.
+    image_emb: [B, D] L2-normalised.  class_emb: [C, D] ("single") or [2C, D] ("paired"),
+    L2-normalised prompt embeddings in the layout of `class_logits`.
     labels: [B, C] float, 1 = finding present, 0 = absent (values at masked entries are ignored).
     mask: [B, C] float, 1 = counted, 0 = ignored (fractional weights are allowed).
-    scale, bias: scalars a, b of the logits z = a · image_emb @ class_embᵀ + b  [B, C].
+    scale, bias: scalars a, b of the logits z = `class_logits` (..., form)  [B, C]
+    ("single": a · image_emb @ class_embᵀ + b; "paired": the pair softmax's logit, b unused).
     Returns a float32 scalar:  Σ m · BCE(z, y) / max(Σ m, 1).
     """
+    _check_form(form)
     image_emb, class_emb = _f32(image_emb), _f32(class_emb)
     labels, mask = _f32(labels), _f32(mask)
     chex.assert_rank([image_emb, class_emb, labels, mask], 2,
                      custom_message="image_emb [B, D], class_emb [C, D], labels, mask [B, C]")
     chex.assert_equal_shape_suffix([image_emb, class_emb], 1,
                                    custom_message="image_emb and class_emb differ in D")
-    expected = (image_emb.shape[0], class_emb.shape[0])
+    n_classes = class_emb.shape[0] // 2 if form == "paired" else class_emb.shape[0]
+    expected = (image_emb.shape[0], n_classes)
     chex.assert_shape(labels, expected, custom_message=f"labels must be [B, C] = {expected}")
     chex.assert_shape(mask, expected, custom_message=f"mask must be [B, C] = {expected}")
     scale, bias = _scalar(scale, "class scale"), _scalar(bias, "class bias")
 
-    logits = scale * image_emb @ class_emb.T + bias  # [B, C]
+    logits = class_logits(image_emb, class_emb, scale, bias, form)  # [B, C]
     # Masked labels are replaced by 0 before the cross-entropy: whatever was there (NaN for a
     # missing CheXpert label, say) must not leak into the value or, via 0 * NaN, the gradient.
     counted = mask > 0
@@ -103,18 +152,21 @@ def class_sigmoid_loss(image_emb, class_emb, labels, mask, scale, bias) -> jax.A
 
 
 def hybrid_contrastive_loss(image_emb, text_emb, class_emb, labels, mask, *, logit_scale,
-                            class_scale, class_bias, clip_weight):
+                            class_scale, class_bias, clip_weight, prompts: str = "single"):
     """Image-Text-Class hybrid loss  L = w · L_it + (1 − w) · L_ic  (see the module docstring).
 
-    image_emb: [B, D], text_emb: [B, D], class_emb: [C, D], all L2-normalised.
+    image_emb: [B, D], text_emb: [B, D], class_emb: [C, D] (prompts "single") or [2C, D]
+    (prompts "paired", layout of `class_logits`), all L2-normalised.
     labels, mask: [B, C] float (see `labels_and_mask`).
     logit_scale: τ of the CLIP term; class_scale, class_bias: a, b of the class term;
     clip_weight: w in [0, 1] (1: CLIP only, 0: class term only; both terms are always reported).
+    prompts: the class-prompt form, "single" or "paired" (static under jit; see `class_logits`).
     Returns (loss, aux) with loss a float32 scalar and
     aux = {"image_text": L_it, "image_class": L_ic} (float32 scalars, for logging).
     """
     image_text = clip_loss(image_emb, text_emb, logit_scale)
-    image_class = class_sigmoid_loss(image_emb, class_emb, labels, mask, class_scale, class_bias)
+    image_class = class_sigmoid_loss(image_emb, class_emb, labels, mask, class_scale, class_bias,
+                                     prompts)
     w = _f32(clip_weight)
     loss = w * image_text + (1.0 - w) * image_class
     return loss, {"image_text": image_text, "image_class": image_class}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from daug_jax import losses
+from daug_jax.models.two_tower import class_prompts
 
 B, C, D = 6, 4, 8
 
@@ -211,6 +212,72 @@ def test_shape_mismatches_raise():
         losses.class_sigmoid_loss(u, w, y, m[:-1], 1.0, 0.0)
     with pytest.raises(ValueError, match="logit_scale"):
         losses.clip_loss(u, v, np.ones(2))
+
+
+# --------------------------------------------------------------------- prompt forms
+
+
+def ref_paired(u, w_pair, y, m, a):
+    """float64 BCE on the softmax over each class's (absent, present) prompt pair."""
+    cos = u.astype(np.float64) @ w_pair.astype(np.float64).T  # [B, 2C]
+    c = w_pair.shape[0] // 2
+    pair = np.stack([a * cos[:, :c], a * cos[:, c:]], axis=-1)  # [B, C, 2]
+    p = np.exp(pair[..., 1] - _logsumexp(pair, -1))  # softmax(...)[1]
+    bce = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+    return np.sum(m * bce) / max(m.sum(), 1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_paired_loss_matches_float64_pair_softmax_bce(seed):
+    u, v, _, y, m = batch(seed)
+    w_pair = unit(np.random.default_rng(seed + 10), 2 * C)  # rows: C absent, then C present
+    want = ref_paired(u, w_pair, y, m, 10.0)
+    for bias in (0.0, -2.0):  # the bias is not used in the paired form
+        got = losses.class_sigmoid_loss(u, w_pair, y, m, 10.0, bias, form="paired")
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    loss, aux = jax.jit(lambda *a: losses.hybrid_contrastive_loss(*a, **KW, prompts="paired"))(
+        u, v, w_pair, y, m)
+    np.testing.assert_allclose(aux["image_class"], want, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.7 * ref_clip(u, v, 14.3) + 0.3 * want, rtol=1e-5)
+    # Swapping the halves (absent <-> present) is a different model: the loss must change.
+    swapped = np.concatenate([w_pair[C:], w_pair[:C]])
+    assert abs(float(losses.class_sigmoid_loss(u, swapped, y, m, 10.0, 0.0, form="paired"))
+               - want) > 1e-3
+    grad = jax.grad(lambda w: losses.class_sigmoid_loss(u, w, y, m, 10.0, 0.0, form="paired"))(
+        jnp.asarray(w_pair))
+    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
+
+
+def test_class_logits_numpy_and_jax_agree():
+    u, _, w, _, _ = batch(4)
+    for form, cls in (("single", w), ("paired", np.concatenate([w, w[::-1]]))):
+        host = losses.class_logits(u.astype(np.float64), cls.astype(np.float64), 10.0, -2.0, form)
+        device = losses.class_logits(jnp.asarray(u), jnp.asarray(cls), 10.0, -2.0, form)
+        assert isinstance(host, np.ndarray) and host.dtype == np.float64
+        assert isinstance(device, jax.Array) and device.dtype == jnp.float32
+        assert host.shape == (B, C)
+        np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(losses.class_logits(u, w, 10.0, -2.0),
+                               10.0 * u.astype(np.float64) @ w.T - 2.0, rtol=1e-6)
+
+
+def test_prompt_form_errors_and_prompt_layout():
+    u, _, w, y, m = batch()
+    with pytest.raises(ValueError, match="unknown prompt form 'pair'"):
+        losses.class_sigmoid_loss(u, w, y, m, 1.0, 0.0, form="pair")
+    with pytest.raises(ValueError, match=r"paired prompts need class_emb \[2C, D\]"):
+        losses.class_logits(u, w[:3], 1.0, 0.0, "paired")
+    # Paired prompts [2C, D] with labels [B, 2C]: the labels must be [B, C].
+    with pytest.raises(AssertionError, match=r"labels must be \[B, C\] = \(6, 2\)"):
+        losses.class_sigmoid_loss(u, w, y, m, 1.0, 0.0, form="paired")
+    names = ["No Finding", "Pleural Effusion", "Edema"]
+    single = class_prompts(names)
+    assert single == class_prompts(names, "single")
+    assert class_prompts(names, "paired") == [
+        "a chest X-ray with abnormal findings", "a chest X-ray with no pleural effusion",
+        "a chest X-ray with no edema", *single]
+    with pytest.raises(ValueError, match="unknown prompt form"):
+        class_prompts(names, "pairs")
 
 
 # --------------------------------------------------------------------- label policies

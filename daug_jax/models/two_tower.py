@@ -29,19 +29,32 @@ NO_FINDING = "No Finding"
 FILLS = ("repeat", "heatmaps")  # how the image tower's extra channels are filled
 
 
-def class_prompts(class_names: Sequence[str]) -> list[str]:
-    """One prompt per class, e.g. "a chest X-ray showing pleural effusion".
+def class_prompts(class_names: Sequence[str], form: str = "single") -> list[str]:
+    """Class prompts for the text tower, in the row layout `losses.class_logits` expects.
 
+    form "single": C prompts, one per class, e.g. "a chest X-ray showing pleural effusion".
+    form "paired": 2C prompts, ``[absent_0 .. absent_{C-1}, present_0 .. present_{C-1}]``: the
+    "present" half is the single form, the "absent" half its healthy counterpart, e.g. "a chest
+    X-ray with no pleural effusion"; each class is scored by a softmax over its pair.
     "No Finding" becomes "a chest X-ray with no findings": "showing no finding" would put a
-    negation inside a sentence that otherwise asserts presence.
+    negation inside a sentence that otherwise asserts presence.  Its "absent" prompt is "a chest
+    X-ray with abnormal findings": the pair must describe the two outcomes of the label, and
+    No Finding = 0 means some finding is present ("a chest X-ray with no no findings", the
+    mechanical negation, would be a double negative the text tower cannot be expected to read).
     """
-    prompts = []
+    if form not in ("single", "paired"):
+        raise ValueError(f"unknown prompt form {form!r}; valid: single, paired")
+    present, absent = [], []
     for name in class_names:
         if not str(name).strip():
-            raise ValueError(f"class name at index {len(prompts)} is empty")
-        prompts.append("a chest X-ray with no findings" if name == NO_FINDING
-                       else f"a chest X-ray showing {name.lower()}")
-    return prompts
+            raise ValueError(f"class name at index {len(present)} is empty")
+        if name == NO_FINDING:
+            present.append("a chest X-ray with no findings")
+            absent.append("a chest X-ray with abnormal findings")
+        else:
+            present.append(f"a chest X-ray showing {name.lower()}")
+            absent.append(f"a chest X-ray with no {name.lower()}")
+    return present if form == "single" else absent + present
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
