@@ -179,17 +179,32 @@ def module_fn(module, params) -> Partial:
 
 
 def _heatmap_program(eps_fn, logit_fn, x0, *, alpha_bar, grid, index, direction, scale,
-                     smooth_sigma, unroll):
-    """x0 [B, H, W, C] -> (translated [K, B, H, W, C], raw [B, H, W, K]); one encode, K decodes."""
+                     smooth_sigma, unroll, reference="x0"):
+    """x0 [B, H, W, C] -> (translated [K, B, H, W, C], raw [B, H, W, K]); one encode, K decodes
+    (and with ``reference="reconstruction"`` one unguided decode, the map's reference)."""
     x_L = sampling.ddim_encode(eps_fn, x0, alpha_bar, grid, unroll=unroll)
 
-    def decode(i, d):
-        return sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, alpha_bar, grid, i, d, scale,
+    def decode(i, d, s):
+        return sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, alpha_bar, grid, i, d, s,
                                            unroll=unroll)
 
-    translated = jax.vmap(decode)(jnp.asarray(index), jnp.asarray(direction))
-    raw = jax.vmap(lambda x: raw_heatmap(x0, x, smooth_sigma))(translated)   # [K, B, H, W]
+    translated = jax.vmap(lambda i, d: decode(i, d, scale))(jnp.asarray(index),
+                                                            jnp.asarray(direction))
+    base = x0 if reference == "x0" else decode(0, 0.0, 0.0)
+    raw = jax.vmap(lambda x: raw_heatmap(base, x, smooth_sigma))(translated)   # [K, B, H, W]
     return translated, jnp.moveaxis(raw, 0, -1)
+
+
+# What a heatmap is measured against: the film itself ("x0": the map holds the guidance's change
+# plus the DDIM inversion error) or its unguided DDIM reconstruction ("reconstruction": the
+# inversion error cancels, the map holds what the guidance changed; one more decode per film).
+REFERENCES = ("x0", "reconstruction")
+
+
+def check_reference(reference: str) -> str:
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown heatmaps.reference {reference!r}; valid: {', '.join(REFERENCES)}")
+    return reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +222,7 @@ class HeatmapFn:
     smooth_sigma: float
     image_shape: tuple[int, ...] | None
     program: Callable   # jitted (eps_fn, logit_fn, x) -> (translated, raw)
+    reference: str = "x0"
 
     def __call__(self, x: Any) -> tuple[jax.Array, jax.Array]:
         x = check_images(x, self.image_shape)
@@ -220,22 +236,23 @@ class HeatmapFn:
         """What produced the heatmaps (stored with a dataset)."""
         return {"targets": [t.spec for t in self.targets], "level": int(self.grid[-1]),
                 "num_steps": len(self.grid) - 1, "guidance_scale": float(self.scale),
-                "smooth_sigma": float(self.smooth_sigma),
+                "smooth_sigma": float(self.smooth_sigma), "reference": self.reference,
                 "image_shape": None if self.image_shape is None else list(self.image_shape)}
 
 
 def make_heatmap_fn(eps_fn: Callable, logit_fn: Callable, alpha_bar: Any,
                     targets: str | Sequence[str], class_names: Sequence[str], *, level: int,
                     num_steps: int, scale: float, smooth_sigma: float = 0.0,
-                    image_shape: Sequence[int] | None = None) -> HeatmapFn:
+                    image_shape: Sequence[int] | None = None, reference: str = "x0") -> HeatmapFn:
     """Builds the compiled heatmap function (see `HeatmapFn`).
 
     eps_fn(x, t) / logit_fn(x, t): model closures (`module_fn` keeps parameters out of the
     compiled constants); alpha_bar: [T]; level: encode level L; num_steps: DDIM moves each way;
     scale: guidance scale; smooth_sigma: Gaussian sigma in pixels (0: none); image_shape: (H, W, C)
-    the diffusion model was trained on, checked on every call.
+    the diffusion model was trained on, checked on every call; reference: see `REFERENCES`.
     """
     parsed = parse_targets(targets, class_names)
+    check_reference(reference)
     alpha_bar = np.asarray(alpha_bar, np.float64)
     grid = sampling.ddim_grid(len(alpha_bar), level, num_steps)
     program = jax.jit(functools.partial(
@@ -243,10 +260,11 @@ def make_heatmap_fn(eps_fn: Callable, logit_fn: Callable, alpha_bar: Any,
         index=np.array([t.index for t in parsed], np.int32),
         direction=np.array([t.direction for t in parsed], np.float32),
         scale=float(scale), smooth_sigma=float(smooth_sigma),
-        unroll=sampling.default_unroll()))
+        unroll=sampling.default_unroll(), reference=reference))
     return HeatmapFn(as_partial(eps_fn), as_partial(logit_fn), parsed, alpha_bar, grid,
                      float(scale), float(smooth_sigma),
-                     None if image_shape is None else tuple(int(s) for s in image_shape), program)
+                     None if image_shape is None else tuple(int(s) for s in image_shape), program,
+                     reference)
 
 
 @jax.jit
@@ -269,16 +287,16 @@ def translate_python_loop(heatmap_fn: HeatmapFn, x: Any) -> tuple[jax.Array, jax
     x_L = x0
     for k in range(len(t) - 1):
         x_L = ddim_step(x_L, _eps_call(f.eps_fn, x_L, t[k]), ab[k], ab[k + 1])
-    translated = []
-    for target in f.targets:
+    def decode(index, direction, scale):
         x_t = x_L
         for k in range(len(t) - 1, 0, -1):
-            eps = _guided_eps_call(f.eps_fn, f.logit_fn, x_t, t[k], ab[k], target.index,
-                                   target.direction, f.scale)
+            eps = _guided_eps_call(f.eps_fn, f.logit_fn, x_t, t[k], ab[k], index, direction, scale)
             x_t = ddim_step(x_t, eps, ab[k], ab[k - 1])
-        translated.append(x_t)
-    translated = jnp.stack(translated)
-    raw = jnp.stack([raw_heatmap(x0, x_c, f.smooth_sigma) for x_c in translated], axis=-1)
+        return x_t
+
+    translated = jnp.stack([decode(g.index, g.direction, f.scale) for g in f.targets])
+    base = x0 if f.reference == "x0" else decode(0, 0.0, 0.0)
+    raw = jnp.stack([raw_heatmap(base, x_c, f.smooth_sigma) for x_c in translated], axis=-1)
     return translated, raw
 
 

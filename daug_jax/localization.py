@@ -39,7 +39,7 @@ from daug_jax.heatmaps import TranslationModels, raw_heatmap
 # "present" = <class>, "healthy" = "No Finding".
 MODE_SPECS = {
     "anomaly": {"masks": (1, "absent"), "boxes": (1, "absent")},
-    "channel": {"boxes": (1, "healthy")},
+    "channel": {"masks": (1, "healthy"), "boxes": (1, "healthy")},
     "site": {"sites": (0, "present")},
 }
 MODES = ("anomaly", "site")  # the synthetic benchmark's (masks and sites)
@@ -87,82 +87,128 @@ def select_cases(labels: np.ndarray, regions: dict[str, np.ndarray],
     return cases
 
 
+def swapped_classes(classes: np.ndarray) -> np.ndarray | None:
+    """The control's class of each case: the next class (cyclic, by index) among the cases'
+    classes, so every film is guided towards a finding other than its own; None with one class."""
+    present = np.unique(classes)
+    if len(present) < 2:
+        return None
+    return present[(np.searchsorted(present, classes) + 1) % len(present)]
+
+
+def _guidance(models, mode_target: str, classes: np.ndarray, data_classes, swapped: bool):
+    """(classifier index [M], direction [M]) of a mode's guidance for cases of ``classes``; the
+    swapped control guides another finding the same way ("No Finding": removes another one)."""
+    logit_index = {c: models.class_names.index(name) for c, name in enumerate(data_classes)
+                   if name in models.class_names}
+    if mode_target == "healthy" and not swapped:
+        if NO_FINDING not in models.class_names:
+            raise ValueError(f"the channel mode guides towards {NO_FINDING!r}, which the "
+                             f"classifier does not predict ({list(models.class_names)})")
+        return (np.full(len(classes), models.class_names.index(NO_FINDING), np.int32),
+                np.ones(len(classes), np.float32))
+    direction = 1.0 if mode_target == "present" else -1.0
+    return (np.array([logit_index[c] for c in classes], np.int32),
+            np.full(len(classes), direction, np.float32))
+
+
 def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, *,
                     scales: Sequence[float], level: int, num_steps: int, smooth_sigma: float,
-                    batch_size: int, data_classes: Sequence[str], modes: dict | None = None) -> dict:
-    """Guided translations and raw heatmaps of every case at every scale.
+                    batch_size: int, data_classes: Sequence[str], modes: dict | None = None,
+                    reference: str = "x0") -> dict:
+    """Guided translations and raw heatmaps of every case at every scale, with two controls.
 
-    modes: `modes_for` output, which says each mode's guidance target (default: the synthetic
-    benchmark's anomaly and site modes).
-
-    images: [N, H, W, 1] float32 in [-1, 1].  Returns ``{scale: {mode: {"translated":
-    [M, H, W, 1], "heatmap": [M, H, W]}}}`` (numpy).
+    images: [N, H, W, 1] float32 in [-1, 1]; modes: `modes_for` output, which says each mode's
+    guidance target (default: the synthetic benchmark's); reference: what the maps are measured
+    against (`heatmaps.REFERENCES`).  Controls: "unguided" — the map of the unguided DDIM
+    reconstruction against the film, |DDIM(x0) − x0| (what a map holds without any guidance:
+    the inversion error), and "swapped" — the same films guided the mode's way towards another
+    finding (`swapped_classes`), at each scale.  Returns ``{"scales": {scale: {mode:
+    {"translated": [M, H, W, 1], "heatmap": [M, H, W], "swapped": [M, H, W] or None}}},
+    "unguided": {mode: [M, H, W]}}`` (numpy).
     """
+    from daug_jax.heatmaps import check_reference
+
+    check_reference(reference)
     grid = sampling.ddim_grid(len(models.alpha_bar), level, num_steps)
     unroll = sampling.default_unroll()
     encode = jax.jit(lambda eps_fn, x: sampling.ddim_encode(eps_fn, x, models.alpha_bar, grid,
                                                             unroll=unroll))
 
     @jax.jit
-    def decode(eps_fn, logit_fn, x0, x_L, index, direction, scale):
+    def decode(eps_fn, logit_fn, base, x_L, index, direction, scale):
         x_c = sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, models.alpha_bar, grid, index,
                                           direction, scale, unroll=unroll)
-        return x_c, raw_heatmap(x0, x_c, smooth_sigma)
+        return x_c, raw_heatmap(base, x_c, smooth_sigma)
+
+    def run(rows, base, index, direction, scale):
+        """decode over ``rows`` of the films in padded batches -> (x_c [M, ...], heat [M, H, W])."""
+        parts = []
+        for start in range(0, len(rows), batch_size):
+            sl = slice(start, start + batch_size)
+            r, n = rows[sl], len(rows[sl])
+            x_c, heat = decode(models.eps_fn, models.logit_fn, pad_rows(base[r], batch_size),
+                               pad_rows(x_L[r], batch_size), pad_rows(index[sl], batch_size),
+                               pad_rows(direction[sl], batch_size), np.float32(scale))
+            parts.append(jax.device_get((x_c[:n], heat[:n])))
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(2))
 
     used = np.unique(np.concatenate([cases[m]["image"] for m in cases]))
-    encoded = {}
+    x_L = np.zeros_like(images)
     for start in tqdm(range(0, len(used), batch_size), desc="encode", unit="batch"):
         rows = used[start:start + batch_size]
-        x_L = jax.device_get(encode(models.eps_fn, pad_rows(images[rows], batch_size)))
-        encoded.update(zip(rows.tolist(), x_L[:len(rows)]))
-
-    # Class index in the classifier's logits, and the direction of each mode's guidance.
-    logit_index = {c: models.class_names.index(name) for c, name in enumerate(data_classes)
-                   if name in models.class_names}
+        x_L[rows] = jax.device_get(encode(models.eps_fn, pad_rows(images[rows], batch_size)))[:len(rows)]
+    zeros = np.zeros(len(used), np.int32)
+    recon = np.zeros_like(images)
+    recon[used], _ = run(used, images, zeros, zeros.astype(np.float32), 0.0)
+    base = images if reference == "x0" else recon
     modes = modes or {m: MODE_SPECS[m].get("masks", MODE_SPECS[m].get("sites")) for m in cases}
-    out = {}
-    total = len(scales) * sum(-(-len(cases[m]["image"]) // batch_size) for m in cases)
-    bar = tqdm(total=total, desc="guided decode", unit="batch")
-    for scale in scales:
-        out[float(scale)] = {}
+    out = {"scales": {}, "unguided": {
+        m: np.asarray(raw_heatmap(images[cases[m]["image"]], recon[cases[m]["image"]],
+                                  smooth_sigma)) for m in cases}}
+    for scale in tqdm(scales, desc="guided decode", unit="scale"):
+        out["scales"][float(scale)] = {}
         for mode in cases:
-            img, cls = cases[mode]["image"], cases[mode]["class"]
-            target = modes[mode][-1]
-            direction = np.float32(-1.0 if target == "absent" else 1.0)
-            if target == "healthy" and NO_FINDING not in models.class_names:
-                raise ValueError(f"mode {mode!r} guides towards {NO_FINDING!r}, which the "
-                                 f"classifier does not predict ({list(models.class_names)})")
-            parts = []
-            for start in range(0, len(img), batch_size):
-                rows, n = img[start:start + batch_size], len(img[start:start + batch_size])
-                index = np.array([models.class_names.index(NO_FINDING) if target == "healthy"
-                                  else logit_index[c] for c in cls[start:start + batch_size]],
-                                 np.int32)
-                x_c, heat = decode(models.eps_fn, models.logit_fn,
-                                   pad_rows(images[rows], batch_size),
-                                   pad_rows(np.stack([encoded[r] for r in rows.tolist()]), batch_size),
-                                   pad_rows(index, batch_size), direction, np.float32(scale))
-                parts.append(jax.device_get((x_c[:n], heat[:n])))
-                bar.update(1)
-            out[float(scale)][mode] = {
-                "translated": np.concatenate([p[0] for p in parts]),
-                "heatmap": np.concatenate([p[1] for p in parts])}
-    bar.close()
+            img, cls, target = cases[mode]["image"], cases[mode]["class"], modes[mode][-1]
+            x_c, heat = run(img, base, *_guidance(models, target, cls, data_classes, False), scale)
+            other = swapped_classes(cls)
+            swapped = None if other is None else run(
+                img, base, *_guidance(models, target, other, data_classes, True), scale)[1]
+            out["scales"][float(scale)][mode] = {"translated": x_c, "heatmap": heat,
+                                                 "swapped": swapped}
     return out
 
 
-def score(heatmaps: dict, cases: dict, data_classes: Sequence[str]) -> dict:
-    """Pointing game per mode: pooled over classes plus ``per_class``; JSON-ready."""
+def _game(heat: np.ndarray, region: np.ndarray, cls: np.ndarray, data_classes) -> dict:
+    result = metrics.pointing_game(heat, region)
+    result["per_class"] = {data_classes[c]: metrics.pointing_game(heat[cls == c], region[cls == c])
+                           for c in np.unique(cls)}
+    return result
+
+
+def score(out: dict, scale: float, cases: dict, data_classes: Sequence[str]) -> dict:
+    """Pointing game per mode at ``scale`` (pooled over classes, and ``per_class``), with its
+    controls: {"unguided": ..., "swapped": ...} of the same keys, each also carrying
+    "difference" = guided − control over the same films ({"mean", "ci95"}, `stats`).
+    JSON-ready.  out: `translate_cases` output."""
+    from daug_jax import stats
+
     result = {}
     for mode in cases:
-        heat, region, cls = heatmaps[mode]["heatmap"], cases[mode]["region"], cases[mode]["class"]
+        region, cls = cases[mode]["region"], cases[mode]["class"]
         if len(cls) == 0:
             result[mode] = {"n": 0, "per_class": {}}
             continue
-        result[mode] = metrics.pointing_game(heat, region)
-        result[mode]["per_class"] = {
-            data_classes[c]: metrics.pointing_game(heat[cls == c], region[cls == c])
-            for c in np.unique(cls)}
+        guided = out["scales"][float(scale)][mode]
+        result[mode] = _game(guided["heatmap"], region, cls, data_classes)
+        hits = metrics.pointing_hits(guided["heatmap"], region).astype(np.float64)
+        for name, heat in (("unguided", out["unguided"][mode]), ("swapped", guided["swapped"])):
+            if heat is None:
+                result[mode][name] = None
+                continue
+            result[mode][name] = _game(heat, region, cls, data_classes)
+            control = metrics.pointing_hits(heat, region).astype(np.float64)
+            result[mode][name]["difference"] = stats.paired_difference(hits, control)
     return result
 
 
@@ -261,6 +307,13 @@ def collect_films(source, modes: dict, classes: Sequence[str], data_classes: Seq
 
 
 # ----------------------------------------------------------------------------- CLI
+def _interval(effect: dict) -> str:
+    """``+0.12 [+0.03, +0.21]`` (mean and 95 % interval), for the command's summary lines."""
+    if effect.get("ci95") is None:
+        return f"{effect['mean']:+.2f}"
+    return f"{effect['mean']:+.2f} [{effect['ci95'][0]:+.2f}, {effect['ci95'][1]:+.2f}]"
+
+
 def main(command: str, argv: list[str]) -> int:
     from daug_jax.config import load_config
     from daug_jax.data import registry
@@ -305,11 +358,13 @@ def main(command: str, argv: list[str]) -> int:
                          seed, modes)
     cases = {m: c for m, c in cases.items() if len(c["class"])}
     images = data["image"] * 2.0 - 1.0
+    reference = h.get("reference", "x0")
     out = translate_cases(models, images, cases, scales=scales, level=h.level,
                           num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
-                          batch_size=loc.batch_size, data_classes=data_classes, modes=modes)
-    results = {s: score(out[s], cases, data_classes) for s in scales}
-    settings = {"guidance_scale": float(scale), "level": h.level,
+                          batch_size=loc.batch_size, data_classes=data_classes, modes=modes,
+                          reference=reference)
+    results = {s: score(out, s, cases, data_classes) for s in scales}
+    settings = {"guidance_scale": float(scale), "level": h.level, "reference": reference,
                 "num_steps": h.num_steps, "smooth_sigma": h.smooth_sigma, "dataset": dataset.name,
                 "split": args.split, "image_size": size, "seed": seed, "pool_size": loc.pool_size,
                 "cases_per_class": loc.cases_per_class, "diffusion": args.diffusion,
@@ -317,7 +372,8 @@ def main(command: str, argv: list[str]) -> int:
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "localization.json"),
                {**results[float(scale)], "settings": settings})
-    plot_examples(os.path.join(args.out, "localization.png"), images, cases, out[float(scale)],
+    plot_examples(os.path.join(args.out, "localization.png"), images, cases,
+                  out["scales"][float(scale)],
                   data_classes, loc.examples_per_class)
     write_json(os.path.join(args.out, "guidance_sweep.json"),
                {"settings": settings, "scales": {str(s): results[s] for s in sweep}})
@@ -329,6 +385,11 @@ def main(command: str, argv: list[str]) -> int:
                          f"n={results[s][m]['n']})" for m in cases)
         print(f"localize: scale {s:g}: {line}")
     for mode in cases:
+        r = results[float(scale)][mode]
+        controls = [f"{c} {r[c]['pointing_game']:.2f} (guided - {c} "
+                    f"{_interval(r[c]['difference'])})" for c in ("unguided", "swapped") if r.get(c)]
+        print(f"localize: {mode} at scale {scale:g}: guided {r['pointing_game']:.2f}; "
+              + "; ".join(controls))
         for name, r in results[float(scale)][mode]["per_class"].items():
             print(f"  {mode:>7} {name:<17} hit {r['pointing_game']:.2f}  chance {r['chance']:.2f}"
                   f"  energy {r['energy_inside']:.2f}  n={r['n']}")

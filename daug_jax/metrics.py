@@ -367,14 +367,11 @@ def chance_levels(query_labels, gallery_labels, n_pairs: int | None = None) -> d
 # ----------------------------------------------------------------------------- localisation
 
 
-def pointing_game(heatmaps, regions) -> dict:
-    """How well heatmaps point at the annotated finding.
+def pointing_hits(heatmaps, regions) -> np.ndarray:
+    """[N] bool: whether each map's (first, row-major) maximum lies inside its region.
 
-    heatmaps: [N, H, W] non-negative; regions: [N, H, W] bool, True inside the finding.
-    Returns {"pointing_game": fraction of maps whose (first) maximum lies inside the region,
-    "chance": mean region area fraction (the hit rate of a uniformly random point),
-    "energy_inside": mean fraction of heatmap mass inside the region (an all-zero map puts none
-    inside), "n": N}.  An empty region makes the hit undefined: ValueError naming the index.
+    heatmaps: [N, H, W] non-negative; regions: [N, H, W] bool.  An empty region makes the hit
+    undefined: ValueError naming the index (as for a non-finite or negative map).
     """
     heat = _array(heatmaps, "heatmaps", 3)
     regions = np.asarray(regions)
@@ -390,9 +387,22 @@ def pointing_game(heatmaps, regions) -> dict:
                       ("negative heatmap", (flat_heat < 0).any(axis=1))):
         if bad.any():
             raise ValueError(f"{name} at index {int(np.argmax(bad))}")
+    return flat_region[np.arange(n), flat_heat.argmax(axis=1)]
 
-    peak = flat_heat.argmax(axis=1)  # argmax returns the first maximum in row-major order
-    hits = flat_region[np.arange(n), peak]
+
+def pointing_game(heatmaps, regions) -> dict:
+    """How well heatmaps point at the annotated finding.
+
+    heatmaps: [N, H, W] non-negative; regions: [N, H, W] bool, True inside the finding.
+    Returns {"pointing_game": fraction of maps whose (first) maximum lies inside the region
+    (`pointing_hits`), "chance": mean region area fraction (the hit rate of a uniformly random
+    point), "energy_inside": mean fraction of heatmap mass inside the region (an all-zero map
+    puts none inside), "n": N}.
+    """
+    hits = pointing_hits(heatmaps, regions)
+    n = len(hits)
+    flat_heat = np.asarray(heatmaps, np.float64).reshape(n, -1)
+    flat_region = np.asarray(regions).reshape(n, -1)
     mass = flat_heat.sum(axis=1)
     inside = (flat_heat * flat_region).sum(axis=1)
     energy = np.divide(inside, mass, out=np.zeros(n), where=mass > 0)

@@ -227,16 +227,25 @@ def test_select_cases_and_pointing_on_known_regions():
     out = localization.translate_cases(models, images, cases, scales=[0.0, 2.0], level=300,
                                        num_steps=2, smooth_sigma=0.0, batch_size=3,
                                        data_classes=CLASSES)
-    assert np.abs(out[0.0]["anomaly"]["translated"]
+    assert np.abs(out["scales"][0.0]["anomaly"]["translated"]
                   - images[cases["anomaly"]["image"]]).max() < 1e-5
-    result = localization.score(out[2.0], cases, CLASSES)
+    assert set(cases) == {"anomaly", "channel", "site"}  # masks also score the "No Finding" map
+    result = localization.score(out, 2.0, cases, CLASSES)
     for mode in localization.MODES:
         assert result[mode]["pointing_game"] == 1.0 and result[mode]["n"] == 4
         assert result[mode]["chance"] == pytest.approx(0.5)
         assert set(result[mode]["per_class"]) == {"Left", "Right"}
+        # Controls.  Swapped: each film guided towards the other class changes the other half:
+        # every case a miss, difference exactly 1.  Unguided: zero eps reconstructs the film
+        # (to float rounding), so the map holds no signal; its difference is guided − control.
+        swapped, unguided = result[mode]["swapped"], result[mode]["unguided"]
+        assert swapped["pointing_game"] == 0.0 and swapped["n"] == 4
+        assert swapped["difference"] == {"mean": 1.0, "ci95": [1.0, 1.0], "n": 4}
+        assert np.abs(out["unguided"][mode]).max() < 1e-5
+        assert unguided["difference"]["mean"] == pytest.approx(1.0 - unguided["pointing_game"])
     # Direction: anomaly cases were guided away from their class, site cases towards it.
     logit = lambda x, c: np.asarray(linear_logits(x, None))[:, c]
     for mode, sign in (("anomaly", -1), ("site", 1)):
         img, cls = cases[mode]["image"], cases[mode]["class"]
-        moved = logit(out[2.0][mode]["translated"], cls) - logit(images[img], cls)
+        moved = logit(out["scales"][2.0][mode]["translated"], cls) - logit(images[img], cls)
         assert np.all(sign * np.diag(moved) > 0)
