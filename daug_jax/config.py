@@ -87,6 +87,15 @@ _RULES = {
     "train_split": (lambda v: isinstance(v, str) and all(p.strip() for p in v.split("+")),
                     "a split name or a union such as 'train+validation'"),
     "label_policy": (lambda v: v in ("ignore", "ones", "zeros"), "'ignore', 'ones' or 'zeros'"),
+    # Tower backbones (model.vision.kind: resnet | clip; model.text.kind: bert | clip, checked
+    # per tower in `validate`) and the image tower's heatmap channel mode.
+    "kind": (lambda v: v in ("resnet", "bert", "clip"), "'resnet' or 'clip' (vision), "
+             "'bert' or 'clip' (text)"),
+    "channels": (lambda v: v in ("stack", "replace", "add"), "'stack', 'replace' or 'add'"),
+    "path": (lambda v: isinstance(v, str), "a directory path ('' for none)"),
+    **{k: (lambda v: isinstance(v, bool), "True or False") for k in (
+        "remat", "learn_logit_scale")},
+    "logit_scale_init": (_number, "a finite number (the log of the initial CLIP logit scale)"),
 }
 
 
@@ -99,6 +108,21 @@ def _leaves(node, prefix=""):
             yield path, key, value
 
 
+def _validate_towers(config: ml_collections.ConfigDict) -> None:
+    """Each tower's kind, and the heatmap count the image tower's channel mode allows."""
+    model = config.get("model", None) or {}
+    for tower, kinds in (("vision", ("resnet", "clip")), ("text", ("bert", "clip"))):
+        kind = (model.get(tower, None) or {}).get("kind", None)
+        if kind is not None and kind not in kinds:
+            raise ValueError(f"config model.{tower}.kind = {kind!r}: must be "
+                             f"{' or '.join(map(repr, kinds))}")
+    vision = model.get("vision", None) or {}
+    if vision.get("channels", None) is not None and vision.get("in_channels", None) is not None:
+        from daug_jax.models.backbones import check_channels
+
+        check_channels(vision["channels"], int(vision["in_channels"]))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key of the first invalid value (see `_RULES`), and checks
     what ties keys together: the UNet's image size, the encode level against T and the
@@ -107,6 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         rule = _RULES.get(key)
         if rule is not None and value is not None and not rule[0](value):
             raise ValueError(f"config {path} = {value!r}: must be {rule[1]}")
+    _validate_towers(config)
     data, unet = config.get("data", {}), config.get("unet", None)
     if unet is not None and data.get("image_size"):
         factor = 2 ** (len(unet.channel_mult) - 1)

@@ -79,7 +79,7 @@ def tower_batch(config: ml_collections.ConfigDict, tokenizer: Any, batch: dict) 
     """
     vision, length = config.model.vision, int(config.model.text.max_length)
     image = assemble_images(batch["image"], batch.get("heatmaps"), int(vision.in_channels),
-                            vision.fill)
+                            vision.fill, vision.get("channels", "stack"))
     if "report" in batch:
         empty = [i for i, r in enumerate(batch["report"]) if not str(r).strip()]
         if empty:

@@ -59,16 +59,28 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------- state and step
+def weight_decay_mask(params: Any) -> Any:
+    """True where AdamW decays: matrices and embeddings (ndim > 1).  Decaying norm scales, biases
+    or the temperature would pull them towards 0, which is not a simpler model; Flax keeps
+    biases and LayerNorm parameters 1-D, so none of them is decayed (the authors' rule too)."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(train_config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup and cosine decay over ``train.steps``; global-norm clipping."""
+    """AdamW with linear warmup and cosine decay over ``train.steps``; global-norm clipping; the
+    CLIP temperature learned unless ``train.learn_logit_scale`` is False."""
     steps = int(train_config.steps)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, train_config.lr, int(train_config.warmup), max(steps, int(train_config.warmup) + 1))
-    # Weight decay on matrices and embeddings only: decaying norm scales, biases or the
-    # temperature would pull them towards 0, which is not a simpler model.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
     tx = optax.chain(optax.clip_by_global_norm(train_config.get("grad_clip", 1.0)),
-                     optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=decay_mask))
+                     optax.adamw(schedule, weight_decay=train_config.weight_decay,
+                                 mask=weight_decay_mask))
+    if not train_config.get("learn_logit_scale", True):
+        # The authors hold the CLIP temperature fixed (exp 4.602 ~ 100): its gradient is zeroed
+        # before clipping, so it neither moves nor takes a share of the clipped norm.
+        fixed = lambda params: {k: jax.tree.map(lambda _: k == "log_logit_scale", v)  # noqa: E731
+                                for k, v in params.items()}
+        tx = optax.chain(optax.masked(optax.set_to_zero(), fixed), tx)
     return tx, schedule
 
 
@@ -89,10 +101,11 @@ def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Arr
 
     params, batch_stats = jax.jit(init, out_shardings=parallel.replicated(mesh),
                                   compiler_options=compiler_options)(key)
-    if config.model.text.get("path"):
-        encoder = text_lib.load_bert_params(config.model.text.path, model.text_tower.config)
-        params = {**params, "text_tower": {**params["text_tower"], "encoder": encoder}}
-        params = parallel.replicate(params, mesh)
+    from daug_jax.models.backbones import load_pretrained
+
+    loaded = load_pretrained(params, config.model, model)  # checkpoint weights, if any
+    if loaded is not params:
+        params = parallel.replicate(loaded, mesh)
     opt_state = jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params)
     return TrainState(step=parallel.replicate(jnp.zeros((), jnp.int32), mesh), params=params,
                       batch_stats=batch_stats, opt_state=opt_state)

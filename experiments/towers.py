@@ -10,6 +10,8 @@ runs of the ablation differ only in ``model.vision.fill`` ("repeat": the image c
 extra channels; "heatmaps": the DAug channels) and ``train.clip_weight`` (1: CLIP loss only).
 """
 
+import math
+
 import ml_collections
 
 from daug_jax.data.synthetic import CLASS_NAMES
@@ -36,15 +38,24 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = dict(
         vision=dict(
+            kind="resnet",     # "resnet" (from scratch) or "clip" (from `path`: experiments/clip_towers.py)
+            path="",           # kind "clip": a local Hugging Face CLIP checkpoint directory
             preset="tiny",     # "tiny", "resnet18", "resnet34", "resnet50"
             resnet={},         # fields of the preset to replace, e.g. {"widths": (8, 16, 32)}
             in_channels=3,     # 1 image + 2 heatmaps (the targets of experiments/heatmaps.py)
             fill="repeat",     # "repeat" (baseline) or "heatmaps" (DAug)
+            # How the tower reads [x0, h_1..h_K]: "stack" (all channels into one stem),
+            # "replace" (ONE heatmap in channel 0 of the film x 3) or "add" (a second tower on
+            # the heatmaps, embeddings averaged); see daug_jax/models/backbones.py.
+            channels="stack",
             norm="group",      # "group" or "batch"
             dtype="float32",   # compute dtype; "bfloat16" on accelerators
+            remat=False,       # CLIP: recompute each block in the backward pass (memory)
         ),
         text=dict(
-            path="",           # path to a local HF BERT checkpoint dir; "" = train from scratch
+            kind="bert",       # "bert" or "clip" (the text tower of the CLIP checkpoint at `path`)
+            path="",           # path to a local HF BERT (or CLIP) checkpoint dir; "" = train from scratch
+            remat=False,       # CLIP: recompute each block in the backward pass (memory)
             vocab_size=1000,   # WordPiece vocabulary learnt from the training reports
             hidden_size=64,
             num_layers=2,
@@ -59,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
             dtype="float32",
         ),
         embed_dim=64,
+        logit_scale_init=math.log(1 / 0.07),  # log of the initial logit scale: CLIP's 1 / 0.07
         # Classes of the image-class term; each gets a prompt for the text tower.
         class_names=CLASS_NAMES,
     )
@@ -70,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
         warmup=30,
         weight_decay=1e-4,
         grad_clip=1.0,
+        learn_logit_scale=True,  # False holds the CLIP temperature at model.logit_scale_init
         # Loss w * L_image-text + (1 - w) * L_image-class: 1 = CLIP only, 0 = class term only.
         clip_weight=0.5,
         checkpoint_every=100,

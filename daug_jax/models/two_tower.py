@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from daug_jax.models.text import BertConfig, TextTower
-from daug_jax.models.vision import build_vision_tower
+from daug_jax.models import backbones
 
 NO_FINDING = "No Finding"
 FILLS = ("repeat", "heatmaps")  # how the image tower's extra channels are filled
@@ -121,17 +120,20 @@ class TwoTower(nn.Module):
 
 
 def assemble_images(image: np.ndarray, heatmaps: np.ndarray | None, in_channels: int,
-                    fill: str) -> np.ndarray:
+                    fill: str, channels: str = "stack") -> np.ndarray:
     """The image tower's input [B, H, W, in_channels] float32: ``[x0, extra...]`` on the channel axis.
 
     image: [B, H, W, 1] float in [0, 1]; heatmaps: [B, H, W, K] float in [0, 1] (fill "heatmaps",
     with 1 + K == in_channels) or None (fill "repeat": the image fills every channel, the
     baseline of the ablation with the same architecture).  Assembled on the host (NumPy): the
     compiled train step then sees the same [B, H, W, in_channels] input whatever the fill, so
-    every variant of the ablation runs one program.
+    every variant of the ablation runs one program.  ``channels`` (``model.vision.channels``)
+    is how the image tower reads these channels (`backbones`: "stack", "replace" — ONE
+    heatmap, in_channels 2 — or "add"); the layout here is the same for all three.
     """
     if fill not in FILLS:
         raise ValueError(f"unknown model.vision.fill {fill!r}; valid: {', '.join(FILLS)}")
+    backbones.check_channels(channels, in_channels)
     image = np.asarray(image, np.float32)
     if image.ndim != 4 or image.shape[-1] != 1:
         raise ValueError(f"image batch must be [B, H, W, 1] (the X-ray alone; extra channels come "
@@ -151,26 +153,20 @@ def assemble_images(image: np.ndarray, heatmaps: np.ndarray | None, in_channels:
     return np.concatenate([image, np.asarray(heatmaps, np.float32)], axis=-1)
 
 
-def bert_config(text_config: Any, vocab_size: int) -> BertConfig:
-    """``model.text``: the shape in the checkpoint at ``path``, or the from-scratch size."""
-    if text_config.get("path"):
-        return BertConfig.from_json(text_config.path)
-    return BertConfig(
-        vocab_size=vocab_size, hidden_size=text_config.hidden_size,
-        num_hidden_layers=text_config.num_layers, num_attention_heads=text_config.num_heads,
-        intermediate_size=text_config.intermediate_size,
-        max_position_embeddings=text_config.max_length,
-        hidden_dropout_prob=text_config.dropout, attention_probs_dropout_prob=text_config.dropout)
+def bert_config(text_config: Any, vocab_size: int) -> Any:
+    """``model.text``'s shape: the BERT in the checkpoint at ``path`` or of the from-scratch size
+    (`text.BertConfig`), or for ``kind`` "clip" the checkpoint's `clip.ClipTextConfig`."""
+    return backbones.text_shape(text_config, vocab_size)
 
 
-def build_two_tower(model_config: Any, text_config: BertConfig) -> TwoTower:
-    """`TwoTower` from ``config.model`` ({vision: {...}, text: {pooling, dtype, ...}, embed_dim}).
+def build_two_tower(model_config: Any, text_config: Any) -> TwoTower:
+    """`TwoTower` from ``config.model`` ({vision: {...}, text: {pooling, dtype, ...}, embed_dim,
+    optional logit_scale_init: the log of the initial CLIP temperature's inverse}).
 
-    text_config: the BERT shape, e.g. ``bert_config(config.model.text, len(tokenizer))``.
+    text_config: the text tower's shape, e.g. ``bert_config(config.model.text, len(tokenizer))``.
     """
     embed_dim = int(model_config["embed_dim"])
-    text = model_config["text"]
     return TwoTower(
-        image_tower=build_vision_tower(model_config["vision"], embed_dim),
-        text_tower=TextTower(text_config, embed_dim, pooling=text.get("pooling", "cls"),
-                             dtype=jnp.dtype(text.get("dtype", "float32"))))
+        image_tower=backbones.build_image_tower(model_config["vision"], embed_dim),
+        text_tower=backbones.build_text_tower(model_config["text"], text_config, embed_dim),
+        logit_scale_init=float(model_config.get("logit_scale_init", math.log(1 / 0.07))))
