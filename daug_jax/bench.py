@@ -112,15 +112,17 @@ def towers_step(config: Any, data: dict, workdir: str, *,
     arrays = tower_inputs.tower_batch(config, tokenizer, reader(range(len(source))))
     length = int(text_cfg.max_length)
     class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
-        tokenizer, class_prompts(list(config.model.class_names)), length))
+        tokenizer, class_prompts(list(config.model.class_names),
+                                 config.model.get("prompts", "single")), length))
     bert = ttrain.bert_config(text_cfg, len(tokenizer))
     model = build_two_tower(config.model, bert)
     init_model = build_two_tower(init_config.model, bert)
     tx, schedule = ttrain.make_optimizer(config.train)
     init_key, step_key = jax.random.split(
         jax.random.key(int(config.train.seed), impl=config.train.prng_impl))
-    train_step = ttrain.make_train_step(model, tx, schedule, step_key)
-    consts = ttrain.step_constants(class_tokens, config)
+    train_step = ttrain.make_train_step(model, tx, schedule,
+                                        prompts=config.model.get("prompts", "single"))
+    consts = ttrain.step_constants(class_tokens, config, step_key)
     step_fn = lambda state, batch: train_step(state, batch, consts)  # noqa: E731
     example = {k: v[:1] for k, v in arrays.items()}
 

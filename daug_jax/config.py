@@ -87,6 +87,8 @@ _RULES = {
     "train_split": (lambda v: isinstance(v, str) and all(p.strip() for p in v.split("+")),
                     "a split name or a union such as 'train+validation'"),
     "label_policy": (lambda v: v in ("ignore", "ones", "zeros"), "'ignore', 'ones' or 'zeros'"),
+    "prompts": (lambda v: v in ("single", "paired"), "'single' or 'paired'"),
+    "reference": (lambda v: v in ("x0", "reconstruction"), "'x0' or 'reconstruction'"),
     # Tower backbones (model.vision.kind: resnet | clip; model.text.kind: bert | clip, checked
     # per tower in `validate`) and the image tower's heatmap channel mode.
     "kind": (lambda v: v in ("resnet", "bert", "clip"), "'resnet' or 'clip' (vision), "

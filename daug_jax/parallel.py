@@ -48,9 +48,9 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading axis split over the data axis; other axes whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+def data_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Axis ``axis`` (default the leading one) split over the data axis; other axes whole."""
+    return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -73,20 +73,21 @@ def host_slice(global_batch_size: int) -> slice:
     return slice(index * per, (index + 1) * per)
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, axis: int = 0) -> dict[str, jax.Array]:
     """Turns this process's rows of a batch into global arrays split over ``"data"``.
 
-    batch: dict of host arrays, each [B_local, ...] with B_local = global batch / processes.
+    batch: dict of host arrays, each [B_local, ...] with B_local = global batch / processes
+    (with ``axis`` = 1, [M, B_local, ...]: the stacked batches of a population of runs).
     Returns dict of jax.Array [B_global, ...].  Non-numeric leaves (e.g. strings) are dropped.
     """
-    sharding = data_sharding(mesh)
+    sharding = data_sharding(mesh, axis)
     n_dev = mesh.devices.size
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)
         if value.dtype.kind not in "biuf":
             continue
-        global_rows = value.shape[0] * jax.process_count()
+        global_rows = value.shape[axis] * jax.process_count()
         if global_rows % n_dev:
             raise ValueError(
                 f"batch field {key!r}: global batch of {global_rows} rows cannot be split "

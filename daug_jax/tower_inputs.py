@@ -113,8 +113,9 @@ def make_tokenizer(text_config: Any, reports: Iterable[str], workdir: str,
     directory = os.path.join(workdir, "tokenizer")
     if not os.path.isdir(directory):
         if jax.process_index() == 0:
-            # Prompts included, so that class words never fall to [UNK].
-            corpus = [*reports, *class_prompts(class_names), NO_REPORT]
+            # Prompts of both forms included, so that class words never fall to [UNK].
+            corpus = [*reports, *class_prompts(class_names, "single"),
+                      *class_prompts(class_names, "paired"), NO_REPORT]
             tokenizer = text_lib.train_wordpiece_tokenizer(corpus, int(text_config.vocab_size))
             tmp = directory + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)

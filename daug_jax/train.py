@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from daug_jax import files, parallel
+from daug_jax import files, parallel, population
 from daug_jax.checkpoint import Checkpointer
 from daug_jax.guard import check_finite, keep_if_finite
 from daug_jax.data import synthetic
@@ -111,31 +111,36 @@ def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Arr
                       batch_stats=batch_stats, opt_state=opt_state)
 
 
-def step_constants(class_tokens: tuple, config: Any) -> dict:
+def step_constants(class_tokens: tuple, config: Any, key: jax.Array) -> dict:
     """What a run's steps hold fixed, as arrays: the class prompts' tokens ``class_ids`` /
-    ``class_mask`` [C', L] and the hybrid loss's weight ``clip_weight`` [] (``train.clip_weight``).
+    ``class_mask`` [C', L], the hybrid loss's weight ``clip_weight`` [] (``train.clip_weight``)
+    and the run's dropout key ``dropout_key`` (folded with the step number at every step).
 
     Arguments of the compiled step rather than constants inside it: runs that differ only in
-    these (the ablation's CLIP and hybrid variants) then share one compiled program.
+    these (the ablation's variants and seeds) then share one compiled program, and a population
+    of runs (`daug_jax.population`) stacks them along its member axis.
     """
     ids, mask = class_tokens
     return {"class_ids": jnp.asarray(ids, jnp.int32), "class_mask": jnp.asarray(mask, jnp.int32),
-            "clip_weight": jnp.asarray(float(config.train.clip_weight), jnp.float32)}
+            "clip_weight": jnp.asarray(float(config.train.clip_weight), jnp.float32),
+            "dropout_key": key}
 
 
 def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    key: jax.Array, *, skip_nonfinite: bool = False):
+                    *, prompts: str = "single", skip_nonfinite: bool = False):
     """``train_step(state, batch, consts) -> (state, metrics)``, pure; jit it with the mesh shardings.
 
+    prompts: the class-prompt form of the image-class term (``model.prompts``, see
+    `losses.class_logits`).
     skip_nonfinite: a step with a non-finite loss or gradient norm leaves parameters, batch
     statistics and optimizer state unchanged and reports ``skipped`` = 1 (`guard.keep_if_finite`).
 
     batch: image [B, H, W, in_channels] (from `tower_batch`), input_ids / attention_mask [B, L],
-    labels / label_mask [B, C']; consts: `step_constants` (replicated).  Metrics: float32 scalars.
+    labels / label_mask [B, C']; consts: `step_constants`.  Metrics: float32 scalars.
     """
 
     def train_step(state: TrainState, batch: dict, consts: dict) -> tuple[TrainState, dict]:
-        dropout_key = jax.random.fold_in(key, state.step)
+        dropout_key = jax.random.fold_in(consts["dropout_key"], state.step)
 
         def loss_fn(params):
             variables = {"params": params}
@@ -149,7 +154,7 @@ def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule:
                 out["image_emb"], out["text_emb"], out["class_emb"], batch["labels"],
                 batch["label_mask"], logit_scale=out["logit_scale"],
                 class_scale=out["class_scale"], class_bias=out["class_bias"],
-                clip_weight=consts["clip_weight"])
+                clip_weight=consts["clip_weight"], prompts=prompts)
             scalars = {k: out[k] for k in ("logit_scale", "class_scale", "class_bias")}
             return loss, (parts, scalars, updates.get("batch_stats", state.batch_stats))
 
@@ -185,13 +190,19 @@ def _write_text(path: str, text: str) -> None:
         files.write_text(path, text)
 
 
-def _read_history(path: str, upto_step: int) -> list[dict]:
-    """Logged intervals up to the restored step (later lines belong to the lost tail of a run)."""
+def _read_histories(path: str, upto_step: int, members: list[dict]) -> dict[str, list]:
+    """Each member's logged intervals up to the restored step (later lines belong to the lost
+    tail of a run); a one-member run's lines carry no member name."""
+    histories = {m["name"]: [] for m in members}
     if not os.path.exists(path):
-        return []
+        return histories
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r["step"] <= upto_step]
+    for r in records:
+        name = r.pop("member", members[0]["name"])
+        if r["step"] <= upto_step and name in histories:
+            histories[name].append(r)
+    return histories
 
 
 # ----------------------------------------------------------------------------- training
@@ -210,36 +221,87 @@ def train_towers(config: ml_collections.ConfigDict, source: Any, workdir: str, *
     until_step: stop after this many steps (the schedule still spans ``train.steps``); a later
     call continues from the checkpoint written there.
     """
-    train_cfg, text_cfg = config.train, config.model.text
-    reader = make_reader(config, source, class_names, heatmaps)
+    state, histories = _fit(config, None, source, workdir, class_names=class_names,
+                            heatmaps=heatmaps, until_step=until_step, progress=progress)
+    return population.take(state, 0), histories["run"]
+
+
+def train_population(config: ml_collections.ConfigDict, members: Sequence[dict], source: Any,
+                     workdir: str, *, class_names: Sequence[str] = synthetic.CLASS_NAMES,
+                     heatmaps: Any = None, until_step: int | None = None,
+                     progress: bool = True) -> tuple[TrainState, dict[str, list]]:
+    """Trains (or resumes) M towers of ``config`` that differ in seed, fill and clip weight
+    (`population.resolve`) as one vmapped program; returns (state with every leaf [M, ...],
+    {member name: history}).  Arguments as for `train_towers`; ``load_towers(workdir, name)``
+    reads one member back.
+    """
+    return _fit(config, members, source, workdir, class_names=class_names, heatmaps=heatmaps,
+                until_step=until_step, progress=progress)
+
+
+def _setup(config, members, source, workdir, class_names, heatmaps):
+    """Reader, tokenizer, resolved members and their configs, class-prompt tokens."""
+    members = population.resolve(config, members)
+    configs = [population.member_config(config, m) for m in members]
+    # One reader for all members: heatmaps when any member reads them, reports when any trains
+    # the image-report term (a member with weight 0 ignores them: its CLIP term has weight 0).
+    reader_cfg = next((c for c in configs if c.model.vision.fill == "heatmaps"), configs[0])
+    reader = make_reader(reader_cfg, source, class_names, heatmaps,
+                         reports=any(uses_reports(c) for c in configs))
     names = class_names_of(config, class_names)
     # A tokenizer learnt from scratch reads every report once, streamed (no split in memory).
+    text_cfg = config.model.text
     reports = report_corpus(reader) if reader.reports and not text_cfg.get("path") else ()
     os.makedirs(workdir, exist_ok=True)
     tokenizer = make_tokenizer(text_cfg, reports, workdir, names)
-    def stream(start_step: int):  # batches are a function of (seed, step)
-        return train_batches(reader, int(train_cfg.batch_size), seed=int(train_cfg.seed),
-                             start_step=start_step,
-                             num_threads=int(train_cfg.get("input_threads", 2)))
+    class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
+        tokenizer, class_prompts(names, config.model.get("prompts", "single")),
+        int(text_cfg.max_length)))
+    return reader, tokenizer, members, configs, names, class_tokens
+
+
+def _fit(config, members, source, workdir, *, class_names, heatmaps, until_step, progress):
+    """The training loop of `train_towers` / `train_population` (every state leaf [M, ...])."""
+    train_cfg = config.train
+    reader, tokenizer, members, configs, names, class_tokens = _setup(
+        config, members, source, workdir, class_names, heatmaps)
+    impl = train_cfg.get("prng_impl", "threefry2x32")
+    if len(members) > 1 and impl != "threefry2x32":
+        # Under vmap, RBG keys draw other bits than the same key alone (measured: dropout masks
+        # differ), so members would not be the runs they stand for.
+        raise ValueError(f"a population of {len(members)} towers needs "
+                         f"train.prng_impl=threefry2x32, not {impl!r}: vmapped {impl} keys draw "
+                         "other numbers than each run alone")
+
+    def stream(start_step: int):  # batches are a function of (seed, step), per member seed
+        return population.batches(configs, members, tokenizer, {
+            seed: train_batches(reader, int(train_cfg.batch_size), seed=seed,
+                                start_step=start_step,
+                                num_threads=int(train_cfg.get("input_threads", 2)))
+            for seed in sorted({m["seed"] for m in members})})
 
     batches = stream(0)
-    first = tower_batch(config, tokenizer, next(batches))  # bad input fails here
-    class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
-        tokenizer, class_prompts(names), int(text_cfg.max_length)))
-    vision = config.model.vision  # what a checkpoint must agree with to be resumed
-    meta = {"class_names": names, "in_channels": int(vision.in_channels), "fill": vision.fill,
-            "image_shape": [int(s) for s in first["image"].shape[1:3]]}
+    first = next(batches)  # bad input fails here
+    meta = {"class_names": names, "in_channels": int(config.model.vision.in_channels),
+            "members": members, "image_shape": [int(s) for s in first["image"].shape[2:4]]}
     saved = ml_collections.ConfigDict(config.to_dict())
     saved.model.class_names = names  # resolved: `load_towers` needs no data
     _write_text(os.path.join(workdir, "config.json"), saved.to_json(indent=2))
+    _write_text(os.path.join(workdir, "members.json"), json.dumps(members, indent=2))
 
     mesh = parallel.make_mesh()
-    model = build_two_tower(config.model, bert_config(text_cfg, len(tokenizer)))
+    model = build_two_tower(config.model, bert_config(config.model.text, len(tokenizer)))
     tx, schedule = make_optimizer(train_cfg)
-    root = jax.random.key(int(train_cfg.seed), impl=train_cfg.get("prng_impl", "threefry2x32"))
-    init_key, step_key = jax.random.split(root)
-    example = {k: v[:1] for k, v in first.items()}
-    state = create_state(model, tx, init_key, example, class_tokens, config, mesh)
+    states, consts = [], []
+    example = {k: v[0, :1] for k, v in first.items()}
+    for member, cfg in zip(members, configs):  # one compiled init, run once per member
+        root = jax.random.key(member["seed"], impl=impl)
+        init_key, step_key = jax.random.split(root)
+        states.append(create_state(model, tx, init_key, example, class_tokens, cfg, mesh))
+        consts.append(step_constants(class_tokens, cfg, step_key))
+    rep = parallel.replicated(mesh)
+    state, consts = (jax.device_put(population.stack(t), rep) for t in (states, consts))
+    del states
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                         save_every=int(train_cfg.checkpoint_every))
@@ -250,65 +312,100 @@ def train_towers(config: ml_collections.ConfigDict, source: Any, workdir: str, *
                              f"has {value!r}; use another --workdir")
     if start:  # resumed: the stream restarts at the restored step
         batches, first = stream(start), None
-    log_path = os.path.join(workdir, "metrics.jsonl")
-    history = _read_history(log_path, start)
-
-    consts = parallel.replicate(step_constants(class_tokens, config), mesh)
-    step_fn = jax.jit(make_train_step(model, tx, schedule, step_key,
-                                      skip_nonfinite=bool(train_cfg.get("skip_nonfinite", False))),
-                      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
-                                    parallel.replicated(mesh)),
-                      out_shardings=parallel.replicated(mesh), donate_argnums=0,
+    histories = _read_histories(os.path.join(workdir, "metrics.jsonl"), start, members)
+    step_fn = jax.jit(jax.vmap(make_train_step(
+                          model, tx, schedule, prompts=config.model.get("prompts", "single"),
+                          skip_nonfinite=bool(train_cfg.get("skip_nonfinite", False)))),
+                      in_shardings=(rep, parallel.data_sharding(mesh, axis=1), rep),
+                      out_shardings=rep, donate_argnums=0,
                       compiler_options=_compiler_options(config))
     steps = int(train_cfg.steps)
     stop = steps if until_step is None else min(int(until_step), steps)
+    log = _Logger(workdir, members, histories, start)
     log_every, every = max(1, int(train_cfg.get("log_every", 50))), int(train_cfg.checkpoint_every)
-    pending, interval, tick, saved = [], [], time.time(), start or None
-    with tqdm(range(start, stop), initial=start, total=steps, desc="train towers",
-              unit="step", disable=not progress) as bar:
+    desc = "train towers" if len(members) == 1 else f"train {len(members)} towers"
+    with tqdm(range(start, stop), initial=start, total=steps, desc=desc, unit="step",
+              disable=not progress) as bar:
         for step in bar:
-            host = first if first is not None else tower_batch(config, tokenizer, next(batches))
+            host = first if first is not None else next(batches)
             first = None
-            state, metrics = step_fn(state, parallel.shard_batch(host, mesh), consts)
-            pending.append(metrics)  # device scalars: read once per interval, not every step
+            state, metrics = step_fn(state, parallel.shard_batch(host, mesh, axis=1), consts)
+            log.pending.append(metrics)  # device arrays: read once per interval, not every step
             done = step + 1
             logs, saves = done % log_every == 0 or done == stop, done % every == 0 or done == stop
             if not (logs or saves):
                 continue
-            # Checked before anything is saved: a checkpoint never holds a non-finite update.
-            rows = [{"step": done - len(pending) + 1 + i, **{k: float(v) for k, v in m.items()}}
-                    for i, m in enumerate(jax.device_get(pending))]
-            check_finite(rows, name="train", workdir=workdir, last_saved=saved)
-            interval, pending = interval + rows, []
-            if logs:
-                record = {"step": done, **{k: float(np.mean([r[k] for r in interval]))
-                                           for k in interval[0] if k != "step"}}
-                if "skipped" in record:
-                    record["skipped"] = int(sum(r["skipped"] for r in interval))
-                record["sec_per_step"] = (time.time() - tick) / len(interval)
-                history.append(record)
-                _write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
-                bar.set_postfix(image_text=f"{record['image_text']:.3f}",
-                                image_class=f"{record['image_class']:.3f}")
-                interval, tick = [], time.time()
+            log.flush(done, record=logs, bar=bar)  # checked before anything is saved
             if saves and ckpt.latest_step() != done:
                 ckpt.save(done, state, meta, force=True)
-                saved = done
+                log.saved = done
     ckpt.close()
-    return state, history
+    return state, log.histories
 
 
-def load_towers(workdir: str) -> tuple[TwoTower, dict, Any, ml_collections.ConfigDict]:
+class _Logger:
+    """Per-member metric rows: read from the device once per interval, checked finite (a
+    checkpoint never holds a non-finite update), averaged into one history record per member
+    and interval, written to ``metrics.jsonl``."""
+
+    def __init__(self, workdir: str, members: list[dict], histories: dict, start: int):
+        self.workdir, self.members, self.histories = workdir, members, histories
+        self.saved = start or None
+        self.pending, self.interval, self.tick = [], [], time.time()
+
+    def flush(self, done: int, *, record: bool, bar: Any) -> None:
+        """Reads and checks the queued steps' metrics ({name: [M]}); ``record``: end an interval."""
+        first = done - len(self.pending) + 1
+        rows = [[{"step": first + i, **{k: float(v[m]) for k, v in step.items()}}
+                 for m in range(len(self.members))]
+                for i, step in enumerate(jax.device_get(self.pending))]
+        check_finite([r for step in rows for r in step], name="train", workdir=self.workdir,
+                     last_saved=self.saved)
+        self.interval, self.pending = self.interval + rows, []
+        if record:
+            self._record(done, bar)
+
+    def _record(self, done: int, bar: Any) -> None:
+        seconds = (time.time() - self.tick) / len(self.interval)
+        for m, member in enumerate(self.members):
+            rows = [step[m] for step in self.interval]
+            record = {"step": done, **{k: float(np.mean([r[k] for r in rows]))
+                                       for k in rows[0] if k != "step"}}
+            if "skipped" in record:
+                record["skipped"] = int(sum(r["skipped"] for r in rows))
+            record["sec_per_step"] = seconds
+            self.histories[member["name"]].append(record)
+        lines = [json.dumps({**r, "member": name} if len(self.members) > 1 else r) + "\n"
+                 for name, history in self.histories.items() for r in history]
+        _write_text(os.path.join(self.workdir, "metrics.jsonl"), "".join(lines))
+        last = self.histories[self.members[0]["name"]][-1]
+        bar.set_postfix(image_text=f"{last['image_text']:.3f}",
+                        image_class=f"{last['image_class']:.3f}")
+        self.interval, self.tick = [], time.time()
+
+
+def load_towers(workdir: str, member: str | None = None
+                ) -> tuple[TwoTower, dict, Any, ml_collections.ConfigDict]:
     """The latest checkpoint of a run: (model, variables, tokenizer, config).
 
     variables: {"params": ..., "batch_stats": ...} for ``model.apply(..., method=...)``, e.g.
-    ``model.apply(variables, images, method=TwoTower.encode_image)``.
+    ``model.apply(variables, images, method=TwoTower.encode_image)``.  member: which member of a
+    population (`train_population`) to read, by name; config is then that member's config.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trained towers in {workdir} (missing {path})")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    members = population.resolve(config, files.read_json(os.path.join(workdir, "members.json"),
+                                                         None))
+    names = [m["name"] for m in members]
+    if member is None and len(members) > 1:
+        raise ValueError(f"{workdir} holds {len(members)} towers; name one of {names}")
+    if member is not None and member not in names:
+        raise ValueError(f"{workdir} has no member {member!r}; its members: {names}")
+    index = 0 if member is None else names.index(member)
+    config = population.member_config(config, members[index])
     from transformers import AutoTokenizer
 
     tok_dir = config.model.text.get("path") or os.path.join(workdir, "tokenizer")
@@ -318,7 +415,6 @@ def load_towers(workdir: str) -> tuple[TwoTower, dict, Any, ml_collections.Confi
     step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
-    mesh = parallel.make_mesh()
     tx, _ = make_optimizer(config.train)
     length, channels = int(config.model.text.max_length), int(config.model.vision.in_channels)
     class_tokens = (jnp.zeros((len(config.model.class_names), length), jnp.int32),) * 2
@@ -331,15 +427,16 @@ def load_towers(workdir: str) -> tuple[TwoTower, dict, Any, ml_collections.Confi
         variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), tokens,
                                tokens, *class_tokens, train=False)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+        one = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                         batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+        return population.stack([one] * len(members))
 
-    abstract = jax.eval_shape(fresh)
-    replicated = parallel.replicated(mesh)
+    replicated = parallel.replicated(parallel.make_mesh())
     template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            abstract)
+                            jax.eval_shape(fresh))
     state, _ = ckpt.restore(template, step)
     ckpt.close()
+    state = population.take(state, index)
     return model, {"params": state.params, "batch_stats": state.batch_stats}, tokenizer, config
 
 

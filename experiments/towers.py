@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
         logit_scale_init=math.log(1 / 0.07),  # log of the initial logit scale: CLIP's 1 / 0.07
         # Classes of the image-class term; each gets a prompt for the text tower.
         class_names=CLASS_NAMES,
+        # How the image-class term scores a class, trained and evaluated alike: "single" (sigmoid
+        # of the scaled similarity to one prompt per class, plus a learned bias) or "paired"
+        # (softmax over an absent / present prompt pair per class, as CheXzero).
+        prompts="single",
     )
 
     config.train = dict(

@@ -148,8 +148,8 @@ def _lowered_step(config, data, workdir, heatmaps=None):
     example = {k: v[:1] for k, v in arrays.items()}
     state = train.create_state(model, tx, jax.random.key(0, impl="rbg"), example, class_tokens,
                                config, mesh)
-    consts = train.step_constants(class_tokens, config)
-    step = train.make_train_step(model, tx, schedule, jax.random.key(1, impl="rbg"))
+    consts = train.step_constants(class_tokens, config, jax.random.key(1, impl="rbg"))
+    step = train.make_train_step(model, tx, schedule)
     batch = {k: v[:8] for k, v in arrays.items()}
     return jax.jit(step).lower(state, batch, consts).as_text(), consts, batch
 

@@ -1,0 +1,98 @@
+"""Several tower runs of one shape trained together: one vmapped program for a whole ablation.
+
+    members = [{"name": "baseline/seed0", "seed": 0, "fill": "repeat", "clip_weight": 1.0}, ...]
+    state, histories = train.train_population(config, members, source, workdir)
+
+The runs of an ablation differ only in what the image tower's extra channels hold
+(``model.vision.fill``), the weight of the hybrid loss (``train.clip_weight``) and the seed
+(``train.seed``: initial parameters, dropout and batch order).  Their parameters have the same
+shapes, so their train steps stack along a leading "member" axis and ``jax.vmap`` turns M small
+steps into one program with M-times-wider batched matrix products, compiled once.  Each member
+reads the batches its seed would read alone, so member m of a population ends where a run of its
+config alone ends (up to float reassociation in the batched products; `tests/test_population.py`).
+
+A single run is a population of one: the training loop (`train._fit`) always carries the axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from daug_jax.tower_inputs import tower_batch
+
+# What may differ between members, and where it lives in the towers config.
+FIELDS = {"seed": ("train", "seed"), "fill": ("model", "vision", "fill"),
+          "clip_weight": ("train", "clip_weight")}
+
+
+def _get(config: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        config = config[key]
+    return config
+
+
+def resolve(config: ml_collections.ConfigDict,
+            members: Sequence[dict] | None) -> list[dict]:
+    """Each member as {"name", "seed", "fill", "clip_weight"} with the config's values filled in;
+    ``None`` is the one-member population of ``config`` itself (named "run")."""
+    members = [{"name": "run"}] if members is None else list(members)
+    if not members:
+        raise ValueError("a population needs at least one member")
+    out = []
+    for i, member in enumerate(members):
+        unknown = sorted(set(member) - set(FIELDS) - {"name"})
+        if unknown:
+            raise ValueError(f"member {i} ({member.get('name', '?')!r}) sets {unknown}; members "
+                             f"may differ only in {sorted(FIELDS)}")
+        resolved = {"name": str(member.get("name", f"member{i}"))}
+        for field, path in FIELDS.items():
+            resolved[field] = member.get(field, _get(config, path))
+        resolved["seed"], resolved["clip_weight"] = (int(resolved["seed"]),
+                                                     float(resolved["clip_weight"]))
+        out.append(resolved)
+    names = [m["name"] for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"member names must be unique, got {names}")
+    return out
+
+
+def member_config(config: ml_collections.ConfigDict, member: dict) -> ml_collections.ConfigDict:
+    """``config`` with one member's fields set (a copy)."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    for field, path in FIELDS.items():
+        _get(out, path[:-1])[path[-1]] = member[field]
+    return out
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """Leaves of equal-structure trees stacked on a new leading axis: M trees -> one [M, ...]."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def take(tree: Any, index: int) -> Any:
+    """Member ``index`` of a stacked tree (the leading axis removed)."""
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+def batches(configs: Sequence[ml_collections.ConfigDict], members: Sequence[dict],
+            tokenizer: Any, streams: dict[int, Iterator[dict]]) -> Iterator[dict]:
+    """Host batches of a population: every array [M, B, ...], member m's rows from its seed's stream.
+
+    streams: seed -> `data.pipeline.train_batches` iterator of `BatchReader` batches.  Members
+    with the same seed and fill share one assembled batch (tokenised once).
+    """
+    while True:
+        drawn = {seed: next(stream) for seed, stream in streams.items()}
+        assembled: dict[tuple, dict] = {}
+        rows = []
+        for config, member in zip(configs, members):
+            key = (member["seed"], member["fill"])
+            if key not in assembled:
+                assembled[key] = tower_batch(config, tokenizer, drawn[member["seed"]])
+            rows.append(assembled[key])
+        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
