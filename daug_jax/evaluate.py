@@ -1,9 +1,15 @@
-"""Evaluation of trained towers on any prepared dataset: retrieval (image<->report, image->image)
-and zero-shot classification from the class-prompt embeddings, embedded in streamed chunks.
+"""Evaluation of trained towers on any prepared dataset, by the authors' protocol.
 
     daug-jax evaluate --towers runs/towers --data mimic_cxr --data-dir runs/tfds --out eval.json
 
-Only the embeddings ([N, D] per tower) are held, never the films of a split.
+Queries come from the test split, the gallery is the training split (``--query-split``,
+``--gallery-split``).  Class-based retrieval: image->image (``x2x``), report->image (``r2x``) and
+image->report (``x2r``) scored by class AP@K (`metrics.class_map_at_k`, K = 1, 3, 5, 10);
+classification: per-class, macro and support-weighted AUROC of the class-prompt scores in the
+form the towers were trained with (``model.prompts``); exact-report Recall@K (image<->its own
+report within the query split).  Every metric comes with its chance level (`metrics.chance_levels`).
+Only the embeddings ([N, D] per tower and split) are held, never the films; similarities are
+taken in blocks of queries.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from daug_jax.tower_inputs import make_reader, tower_batch
 from daug_jax.train import load_towers
 
 _BATCH = 256  # records encoded per call; the last chunk is padded to keep one compiled shape
+_QUERY_BLOCK = 1024  # query rows per similarity block: [1024, G] float32 at a time
 
 
 def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source: Any, *,
@@ -34,12 +41,12 @@ def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source:
     source: a random-access split (records as for `train_towers`); class_names: its label
     columns; heatmaps: its heatmap dataset for DAug towers; reports: embed the reports (False for
     datasets without any).  Returns {"image_emb" [N, D], "text_emb" [N, D] or None, "class_emb"
-    [C, D], "labels" / "label_mask" [N, C] float32 (C = config.model.class_names), "id" [N],
-    "logit_scale", "class_scale", "class_bias"}.
+    [C, D] ([2C, D] for paired prompts), "labels" / "label_mask" [N, C] float32 (C =
+    config.model.class_names), "id" [N], "prompts", "logit_scale", "class_scale", "class_bias"}.
     """
     reader = make_reader(config, source, class_names, heatmaps, reports=reports)
     # The variables are an argument, not a constant of the programs: towers of the same shape
-    # (the variants of an ablation) share the compiled encoders.
+    # (the members of an ablation) share the compiled encoders.
     image_fn = jax.jit(lambda v, x: model.apply(v, x, method=TwoTower.encode_image))
     text_fn = jax.jit(lambda v, i, m: model.apply(v, i, m, method=TwoTower.encode_text))
     out = {k: [] for k in ("image_emb", "text_emb", "labels", "label_mask", "id")}
@@ -55,46 +62,68 @@ def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source:
         for key in ("labels", "label_mask"):
             out[key].append(arrays[key])
         out["id"].append(batch["id"])
-    length = int(config.model.text.max_length)
+    form = config.model.get("prompts", "single")
     cls_ids, cls_mask = text_lib.tokenize(
-        tokenizer, class_prompts(list(config.model.class_names)), length)
+        tokenizer, class_prompts(list(config.model.class_names), form),
+        int(config.model.text.max_length))
     scalars = jax.device_get(model.apply(variables, method=TwoTower.scalars))
     emb = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
-    return {**emb, "class_emb": np.asarray(text_fn(variables, cls_ids, cls_mask)),
+    return {**emb, "class_emb": np.asarray(text_fn(variables, cls_ids, cls_mask)), "prompts": form,
             **{k: float(v) for k, v in scalars.items()}}
 
 
-def evaluate_embeddings(emb: dict, class_names: list[str]) -> dict:
-    """Retrieval and zero-shot classification metrics of `embed` output.
-
-    Image->image relevance is sharing a positive class; without reports only image->image
-    retrieval and classification are scored.
-    """
-    positives = emb["labels"]  # 1 = positive (masked and negative entries are 0)
-    if emb["text_emb"] is not None:
-        out = metrics.retrieval_metrics(emb["image_emb"], emb["text_emb"], positives)
-    else:
-        img = emb["image_emb"]
-        out = {"i2i_P@10": metrics.precision_at_k(img @ img.T, positives, positives, 10,
-                                                  exclude_self=True)}
-    scores = metrics.zero_shot_scores(emb["image_emb"], emb["class_emb"], emb["class_scale"],
-                                      emb["class_bias"])
-    out.update(metrics.classification_metrics(scores, emb["labels"], emb["label_mask"],
-                                              class_names))
+def _class_retrieval(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                     gallery_labels: np.ndarray, name: str) -> dict:
+    """``{name}_mAP@K`` / ``{name}_wmAP@K`` of unit-norm queries [Q, D] against a gallery [G, D]."""
+    acc = metrics.ClassMapAccumulator(gallery_labels)
+    for start in range(0, len(queries), _QUERY_BLOCK):
+        block = slice(start, start + _QUERY_BLOCK)
+        acc.update(queries[block] @ gallery.T, query_labels[block])
+    out = {}
+    for k, result in acc.finalize().items():
+        out[f"{name}_mAP@{k}"], out[f"{name}_wmAP@{k}"] = result["mAP"], result["wmAP"]
     return out
 
 
-def evaluate_towers(workdir: str, source: Any, *, class_names: Sequence[str],
-                    heatmaps: Any = None, reports: bool = True, progress: bool = False) -> dict:
-    """Loads the latest checkpoint in ``workdir`` and evaluates it on ``source`` (see `embed`).
+def evaluate_embeddings(query: dict, gallery: dict, class_names: list[str]) -> dict:
+    """Every metric of the protocol from `embed` outputs of the query and gallery splits.
 
-    Returns {"macro_auroc", "per_class_auroc": {class: auroc or None}, "i2i_P@10", and with
-    reports "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"}.
+    Relevance for class retrieval is sharing a positive label (masked and negative entries are
+    0).  Without reports only ``x2x`` and classification are scored.  Returns {metric: value,
+    "per_class_auroc": {class: auroc or None}, "chance": {metric: chance level}}.
     """
-    model, variables, tokenizer, config = load_towers(workdir)
-    emb = embed(model, variables, tokenizer, config, source, class_names=class_names,
-                heatmaps=heatmaps, reports=reports, progress=progress)
-    return evaluate_embeddings(emb, list(config.model.class_names))
+    q_pos, g_pos = query["labels"], gallery["labels"]  # 1 = positive
+    out = _class_retrieval(query["image_emb"], q_pos, gallery["image_emb"], g_pos, "x2x")
+    if query["text_emb"] is not None and gallery["text_emb"] is not None:
+        out.update(_class_retrieval(query["text_emb"], q_pos, gallery["image_emb"], g_pos, "r2x"))
+        out.update(_class_retrieval(query["image_emb"], q_pos, gallery["text_emb"], g_pos, "x2r"))
+        pairs = query["image_emb"] @ query["text_emb"].T  # [Q, Q]: row i's own report is column i
+        for k in metrics.RECALL_KS:
+            out[f"i2t_R@{k}"] = metrics.recall_at_k(pairs, k)
+            out[f"t2i_R@{k}"] = metrics.recall_at_k(pairs.T, k)
+    scores = metrics.zero_shot_scores(query["image_emb"], query["class_emb"],
+                                      query["class_scale"], query["class_bias"], query["prompts"])
+    out.update(metrics.classification_metrics(scores, query["labels"], query["label_mask"],
+                                              class_names))
+    out["weighted_auroc"] = metrics.weighted_auroc(scores, query["labels"], query["label_mask"])
+    chance = metrics.chance_levels(q_pos, g_pos)
+    out["chance"] = {k: v for k, v in chance.items() if k in out}
+    return out
+
+
+def evaluate_towers(workdir: str, query: Any, gallery: Any, *, class_names: Sequence[str],
+                    heatmaps: dict | None = None, reports: bool = True, member: str | None = None,
+                    progress: bool = False) -> dict:
+    """Loads the latest checkpoint in ``workdir`` (one ``member`` of a population) and scores
+    it: queries from ``query``, the gallery ``gallery`` (random-access splits with the label
+    columns ``class_names``); heatmaps: {"query": ..., "gallery": ...} heatmap datasets of DAug
+    towers.  Returns `evaluate_embeddings` output."""
+    model, variables, tokenizer, config = load_towers(workdir, member)
+    maps = heatmaps or {}
+    emb = {role: embed(model, variables, tokenizer, config, source, class_names=class_names,
+                       heatmaps=maps.get(role), reports=reports, progress=progress)
+           for role, source in (("query", query), ("gallery", gallery))}
+    return evaluate_embeddings(emb["query"], emb["gallery"], list(config.model.class_names))
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -109,25 +138,33 @@ def main(command: str, argv: list[str]) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--towers", required=True, help="workdir of `daug-jax train`")
     registry.add_data_args(parser)
-    parser.add_argument("--query-split", default="test", help="split whose films are scored")
+    parser.add_argument("--query-split", default="test", help="split of the queries")
+    parser.add_argument("--gallery-split", default="train",
+                        help="split searched by class-based retrieval (the authors': train)")
+    parser.add_argument("--member", help="which towers of a population workdir (by name)")
     parser.add_argument("--out", required=True, help="where the metrics go (JSON)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the towers' saved config, e.g. "
                              "data.heatmaps_dir=runs/heatmaps")
     args = parser.parse_args(argv)
     parallel.maybe_initialize_distributed()
-    _, _, _, config = load_towers(args.towers)
+    _, _, _, config = load_towers(args.towers, args.member)
     apply_overrides(config, args.set)
     registry.apply_data_args(config, args)
     dataset = registry.open_dataset(config.data)
-    source = dataset.source(args.query_split)
-    heatmaps = open_heatmaps(config, source, args.query_split)
-    result = evaluate_towers(args.towers, source, class_names=dataset.class_names,
-                             heatmaps=heatmaps, reports=dataset.has_reports, progress=True)
-    result = {"dataset": dataset.name, "split": args.query_split, "num_films": len(source),
-              "towers": os.path.abspath(args.towers), **result}
+    splits = {"query": args.query_split, "gallery": args.gallery_split}
+    sources = {role: dataset.source(split) for role, split in splits.items()}
+    heatmaps = {role: open_heatmaps(config, sources[role], split) for role, split in splits.items()}
+    result = evaluate_towers(args.towers, sources["query"], sources["gallery"],
+                             class_names=dataset.class_names, heatmaps=heatmaps,
+                             reports=dataset.has_reports, member=args.member, progress=True)
+    result = {"dataset": dataset.name, "query_split": args.query_split,
+              "gallery_split": args.gallery_split, "num_queries": len(sources["query"]),
+              "num_gallery": len(sources["gallery"]), "towers": os.path.abspath(args.towers),
+              **result}
     write_json(args.out, result)
     shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
-    print(f"evaluate: {dataset.name} {args.query_split} ({len(source)} films): {shown}; "
+    print(f"evaluate: {dataset.name} {args.query_split} queries ({len(sources['query'])}) against "
+          f"{args.gallery_split} ({len(sources['gallery'])}): {shown}; "
           f"all metrics in {args.out}")
     return 0

@@ -131,9 +131,13 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
     _cli("evaluate", "--towers", tmp_path / "towers", *data, "--query-split", query,
          "--out", result)
     metrics = json.loads(result.read_text())
-    assert metrics["dataset"] == dataset and metrics["num_films"] == info["num_frontal"][query]
-    assert 0.0 <= metrics["macro_auroc"] <= 1.0 and 0.0 <= metrics["i2i_P@10"] <= 1.0
-    assert ("i2t_R@5" in metrics) == (dataset == "mimic_cxr")
+    assert metrics["dataset"] == dataset and metrics["num_queries"] == info["num_frontal"][query]
+    # The authors' protocol: test (here: held-out) queries against the training split.
+    assert metrics["gallery_split"] == "train"
+    assert metrics["num_gallery"] == info["num_frontal"]["train"]
+    assert 0.0 <= metrics["macro_auroc"] <= 1.0 and 0.0 <= metrics["x2x_mAP@10"] <= 1.0
+    assert 0.0 <= metrics["weighted_auroc"] <= 1.0 and metrics["chance"]["macro_auroc"] == 0.5
+    assert ("i2t_R@5" in metrics) == ("r2x_mAP@5" in metrics) == (dataset == "mimic_cxr")
     if dataset == "chexpert_cxr":  # CheXpert has no test split: the error lists the splits
         _user_error(capsys, "split 'test' is not in chexpert_cxr .*; its splits: train, "
                     "validation", "evaluate", "--towers", tmp_path / "towers", *data,
