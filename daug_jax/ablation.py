@@ -1,90 +1,116 @@
-"""Runs towers variants x seeds on the same data and tabulates mean +- std of every metric.
+"""The ablation as one population of towers: train together, evaluate each, summarise honestly.
 
-    results = run_ablation({"baseline": cfg_a, "daug": cfg_b}, seeds=(0, 1), train=..., test=...,
-                           out_dir="runs/ablation")
+    results = run_ablation(config, members, train=..., query=..., gallery=..., workdir=...)
+    summary = summarize(results, seeds)
+
+Members are named ``<setting>/<variant>/seed<k>`` (`experiments.ablation.members`).  The summary
+gives, per setting, each variant's metrics as mean ± sample std with the per-seed values, and the
+two effects of the 2x2 design as paired differences over seeds with a 95 % t-interval
+(`stats.paired_difference`): ``daug`` = DAug channels on minus off, ``hybrid`` = hybrid loss
+minus the setting's single-term loss, each averaged over the two levels of the other factor.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
-import numpy as np
-
+from daug_jax import stats
 from daug_jax.evaluate import evaluate_towers
-from daug_jax.files import write_json
-from daug_jax.train import train_towers
+from daug_jax.files import read_json, write_json
+from daug_jax.metrics import MAP_KS, RECALL_KS
+from daug_jax.train import train_population
 
-METRIC_KEYS = ("macro_auroc", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
-               "t2i_R@10", "i2i_P@10")
-
-
-def _mean_std(values: list) -> dict:
-    vals = np.array([np.nan if v is None else v for v in values], np.float64)
-    ok = vals[~np.isnan(vals)]
-    if not len(ok):
-        return {"mean": None, "std": None}
-    # One value has no spread to report (None), rather than a misleading 0.
-    return {"mean": float(ok.mean()), "std": float(ok.std(ddof=1)) if len(ok) > 1 else None}
+METRIC_KEYS = ("macro_auroc", "weighted_auroc",
+               *(f"{d}_mAP@{k}" for d in ("x2x", "r2x", "x2r") for k in MAP_KS),
+               *(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in RECALL_KS))
+VARIANT_NAMES = ("baseline", "daug", "hybrid", "daug_hybrid")
+# effect -> (variants with the factor on, variants with it off), each pair at one level of the
+# other factor
+EFFECTS = {"daug": (("daug", "daug_hybrid"), ("baseline", "hybrid")),
+           "hybrid": (("hybrid", "daug_hybrid"), ("baseline", "daug"))}
 
 
-def aggregate(runs: list[dict]) -> dict:
-    """Per-seed metric dicts -> the same keys as mean over seeds, plus ``"std"`` and ``"seeds"``."""
-    out = {"per_seed": runs, "std": {}}
-    for key in METRIC_KEYS:
-        stats = _mean_std([r[key] for r in runs])
-        out[key], out["std"][key] = stats["mean"], stats["std"]
-    classes = runs[0]["per_class_auroc"]
-    out["per_class_auroc"] = {c: _mean_std([r["per_class_auroc"][c] for r in runs])["mean"]
-                              for c in classes}
+def run_ablation(config: Any, members: Sequence[dict], *, train: Any, query: Any, gallery: Any,
+                 workdir: str, class_names: Sequence[str], heatmaps: dict | None = None,
+                 progress: bool = True) -> tuple[dict, dict]:
+    """Trains (or resumes) every member as one population in ``workdir``, then evaluates each
+    (queries from ``query``, gallery ``gallery``; cached in ``workdir/eval/``, so a rerun only
+    does what is missing).  heatmaps: {"train", "query", "gallery"} heatmap datasets.
+    Returns ({member name: `evaluate_embeddings` result}, {member name: training history})."""
+    maps = heatmaps or {}
+    _, histories = train_population(config, members, train, workdir, class_names=class_names,
+                                    heatmaps=maps.get("train"), progress=progress)
+    results = {}
+    for member in members:
+        path = os.path.join(workdir, "eval", member["name"].replace("/", "__") + ".json")
+        if not os.path.exists(path):
+            write_json(path, evaluate_towers(
+                workdir, query, gallery, class_names=class_names, member=member["name"],
+                heatmaps={"query": maps.get("query"), "gallery": maps.get("gallery")}))
+        results[member["name"]] = read_json(path)
+    return results, histories
+
+
+def _per_seed(results: dict, setting: str, variant: str, seeds: Sequence[int], key: str) -> list:
+    return [results[f"{setting}/{variant}/seed{s}"].get(key) for s in seeds]
+
+
+def _mean(a, b):
+    return None if a is None or b is None else (a + b) / 2
+
+
+def summarize(results: dict, seeds: Sequence[int]) -> dict:
+    """{"seeds", "settings": {setting: {"variants": {variant: {metric: {"mean", "std",
+    "per_seed"}}}, "effects": {"daug" | "hybrid": {metric: {"mean", "ci95"}}}}}, "chance":
+    {metric: value}} from per-member results named ``<setting>/<variant>/seed<k>``."""
+    settings = sorted({name.split("/")[0] for name in results})
+    out = {"seeds": [int(s) for s in seeds], "settings": {}}
+    for setting in settings:
+        variants = {v: {key: stats.mean_std(_per_seed(results, setting, v, seeds, key))
+                        for key in METRIC_KEYS} for v in VARIANT_NAMES}
+        effects = {}
+        for effect, (on, off) in EFFECTS.items():
+            effects[effect] = {}
+            for key in METRIC_KEYS:
+                a, b = ([_mean(*pair) for pair in zip(*(_per_seed(results, setting, v, seeds, key)
+                                                         for v in side))] for side in (on, off))
+                d = stats.paired_difference(a, b)
+                effects[effect][key] = {"mean": d["mean"], "ci95": d["ci95"]}
+        out["settings"][setting] = {"variants": variants, "effects": effects}
+    first = next(iter(results.values()))
+    out["chance"] = {k: v for k, v in first.get("chance", {}).items() if k in METRIC_KEYS}
     return out
 
 
-def run_ablation(configs: dict[str, Any], seeds: Sequence[int], train: Any, test: Any,
-                 out_dir: str, *, class_names: Sequence[str], heatmaps: dict | None = None,
-                 history: dict | None = None) -> dict:
-    """Trains (or resumes) each variant for each seed, evaluates on ``test``, aggregates.
-
-    configs: variant name -> towers config; train/test: random-access splits with their label
-    columns ``class_names``; heatmaps: {"train": ..., "test": ...} heatmap datasets, read by the
-    variants that fill their channels with them.  Each run lives in ``out_dir/<variant>/seed<k>``, and
-    its metrics in ``metrics.json`` there, so a rerun skips finished runs.  ``history``, when
-    given, receives each run's training log.  Returns {variant: aggregate(...)}.
-    """
-    results = {}
-    for name, config in configs.items():
-        runs = []
-        for seed in seeds:
-            workdir = os.path.join(out_dir, name, f"seed{seed}")
-            done = os.path.join(workdir, "eval.json")
-            if not os.path.exists(done):
-                run_config = config.copy_and_resolve_references()
-                run_config.train.seed = int(seed)
-                print(f"ablation: {name}, seed {seed}")
-                maps = heatmaps or {}
-                train_towers(run_config, train, workdir, class_names=class_names,
-                             heatmaps=maps.get("train"))
-                write_json(done, evaluate_towers(workdir, test, class_names=class_names,
-                                                 heatmaps=maps.get("test")))
-            with open(done) as f:
-                runs.append(json.load(f))
-            if history is not None:
-                with open(os.path.join(workdir, "metrics.jsonl")) as f:
-                    history.setdefault(name, []).append([json.loads(line) for line in f])
-        results[name] = aggregate(runs)
-    return results
+def _cell(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if std is None else f"{value:.3f} ± {std:.3f}"
 
 
-def markdown_table(results: dict) -> str:
-    """Variants x metrics as a Markdown table of ``mean ± std`` (the mean alone for one seed)."""
-    head = "| variant | " + " | ".join(METRIC_KEYS) + " |"
-    rows = [head, "|" + " --- |" * (len(METRIC_KEYS) + 1)]
-    for name, r in results.items():
-        cells = []
-        for key in METRIC_KEYS:
-            mean, std = r[key], r["std"][key]
-            cells.append("n/a" if mean is None else f"{mean:.3f}" if std is None
-                         else f"{mean:.3f} ± {std:.3f}")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+def _interval(effect: dict) -> str:
+    if effect["mean"] is None:
+        return "n/a"
+    if effect["ci95"] is None:
+        return f"{effect['mean']:+.3f}"
+    resolved = "" if stats.excludes_zero(effect) else " (unresolved)"
+    return f"{effect['mean']:+.3f} [{effect['ci95'][0]:+.3f}, {effect['ci95'][1]:+.3f}]{resolved}"
+
+
+def markdown_tables(summary: dict, keys: Sequence[str]) -> str:
+    """Per setting: variants x ``keys`` as ``mean ± std``, then the two paired effects with their
+    95 % intervals ("unresolved" when the interval contains 0), then the chance level."""
+    lines = []
+    for setting, body in summary["settings"].items():
+        lines += [f"### {setting.capitalize()} setting", "",
+                  "| variant | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+        for variant, m in body["variants"].items():
+            lines.append(f"| {variant} | " + " | ".join(_cell(m[k]["mean"], m[k]["std"])
+                                                     for k in keys) + " |")
+        for effect, m in body["effects"].items():
+            lines.append(f"| effect of {effect} | " + " | ".join(_interval(m[k]) for k in keys)
+                         + " |")
+        lines += ["| chance | " + " | ".join(_cell(summary["chance"].get(k)) for k in keys)
+                  + " |", ""]
+    return "\n".join(lines)

@@ -1,8 +1,9 @@
 """``daug-jax demo``: DAug end to end on the built-in benchmark, with the paper's 2x2 ablation.
 
     generate films -> train the epsilon-UNet -> train the noise-aware classifier
-      -> heatmap channels of every film -> localization check -> four tower variants
-      -> retrieval / classification on held-out films -> results.json, results.md, figures
+      -> guidance scale chosen on validation films -> heatmap channel of every film
+      -> localization check with its controls -> both ablation settings x seeds as one
+      population of towers -> the authors' protocol on test films -> results.json/md, figures
 
 Every stage keeps its products under ``<out>/`` (checkpoints, heatmap shards, per-run metrics)
 and its duration in ``<out>/timing.json``; a rerun skips finished stages and resumes an
@@ -18,10 +19,13 @@ import os
 import time
 from typing import Any
 
+import ml_collections
+
 from daug_jax import ablation, parallel
 from daug_jax.files import read_json, write_json, write_text
 
-STAGES = ("data", "diffusion", "classifier", "heatmaps", "localization", "towers", "report")
+STAGES = ("data", "diffusion", "classifier", "selection", "heatmaps", "localization", "towers",
+          "report")
 
 
 class _Timer:
@@ -42,18 +46,25 @@ class _Timer:
 
 
 def make_splits(data_config: Any) -> dict[str, dict]:
-    """The train and test films: the `synthetic_cxr` splits of this seed (same ids, same records)."""
+    """The train, validation and test films: the `synthetic_cxr` splits of this seed."""
     from daug_jax.data import builders, synthetic
 
     seeds = builders.SyntheticCxrConfig(seed=int(data_config.seed))
     return {split: synthetic.generate(int(data_config[f"num_{split}"]),
                                       image_size=int(data_config.image_size),
                                       seed=seeds.split_seed(split))
-            for split in ("train", "test")}
+            for split in ("train", "validation", "test")}
 
 
-def make_heatmaps(config: Any, out: str, splits: dict[str, dict]) -> dict[str, Any]:
-    """Writes (or reuses) the heatmap dataset of each split; returns {split: HeatmapSource}."""
+def _heatmap_settings(config: Any, scale: float) -> dict:
+    h = config.heatmaps
+    return dict(level=h.level, num_steps=h.num_steps, scale=scale, smooth_sigma=h.smooth_sigma,
+                reference=h.get("reference", "x0"))
+
+
+def make_heatmaps(config: Any, out: str, splits: dict[str, dict], scale: float) -> dict[str, Any]:
+    """Writes (or reuses) the heatmap dataset of the train and test splits at guidance
+    ``scale`` (chosen on validation); returns {split: HeatmapSource}."""
     from daug_jax.data.pipeline import ArraySource
     from daug_jax.heatmap_job import HeatmapSource, calibrate, write_heatmap_dataset
     from daug_jax.heatmaps import load_models, make_heatmap_fn
@@ -61,19 +72,18 @@ def make_heatmaps(config: Any, out: str, splits: dict[str, dict]) -> dict[str, A
     h = config.heatmaps
     directory = os.path.join(out, "heatmaps")
     models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
-    heatmap_fn = make_heatmap_fn(
-        models.eps_fn, models.logit_fn, models.alpha_bar, h.targets, models.class_names,
-        level=h.level, num_steps=h.num_steps, scale=h.scale, smooth_sigma=h.smooth_sigma,
-        image_shape=models.image_shape)
+    heatmap_fn = make_heatmap_fn(models.eps_fn, models.logit_fn, models.alpha_bar, h.targets,
+                                 models.class_names, image_shape=models.image_shape,
+                                 **_heatmap_settings(config, scale))
     train_source = ArraySource({k: splits["train"][k] for k in ("id", "image")})
     calibration = calibrate(heatmap_fn, train_source, directory,
                             num_images=h.calibration.num_images,
                             percentile=h.calibration.percentile, batch_size=h.batch_size)
     sources = {}
-    for split, data in splits.items():
+    for split in ("train", "test"):
         split_dir = os.path.join(directory, split)
-        write_heatmap_dataset(ArraySource({k: data[k] for k in ("id", "image")}), split_dir,
-                              heatmap_fn, calibration["scale_constant"],
+        write_heatmap_dataset(ArraySource({k: splits[split][k] for k in ("id", "image")}),
+                              split_dir, heatmap_fn, calibration["scale_constant"],
                               batch_size=h.batch_size, shard_size=h.shard_size, dtype=h.dtype)
         sources[split] = HeatmapSource(split_dir)
     return sources
@@ -86,8 +96,10 @@ def _source(data: dict):
     return ArraySource({k: data[k] for k in ("image", "labels", "report", "id")})
 
 
-def localize(config: Any, out: str, test: dict) -> dict:
-    """Pointing game of the heatmaps on the held-out films; writes heatmaps.png."""
+def localize(config: Any, out: str, films: dict, *, scales: list[float], per_class: int,
+             figure: str | None = None) -> dict:
+    """Pointing game of every mode on ``films`` at each of ``scales``, with its unguided and
+    class-swapped controls (`localization.score`); returns {scale: {mode: result}}."""
     from daug_jax import localization
     from daug_jax.data import synthetic
     from daug_jax.heatmaps import load_models
@@ -95,83 +107,136 @@ def localize(config: Any, out: str, test: dict) -> dict:
     h, loc = config.heatmaps, config.heatmaps.localization
     models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
     classes = [c for c in synthetic.LOCALIZED_CLASSES if c in models.class_names]
-    regions = {"masks": test["masks"], "sites": test["sites"]}
-    cases = localization.select_cases(test["labels"], regions, synthetic.CLASS_NAMES, classes,
-                                      loc.cases_per_class, int(config.data.seed))
-    images = test["image"] * 2.0 - 1.0
+    regions = {"masks": films["masks"], "sites": films["sites"]}
+    cases = localization.select_cases(films["labels"], regions, synthetic.CLASS_NAMES, classes,
+                                      per_class, int(config.data.seed))
+    images = films["image"] * 2.0 - 1.0
+    settings = _heatmap_settings(config, 0.0)
+    del settings["scale"]
     translated = localization.translate_cases(
-        models, images, cases, scales=[float(h.scale)], level=h.level, num_steps=h.num_steps,
-        smooth_sigma=h.smooth_sigma, batch_size=loc.batch_size, data_classes=synthetic.CLASS_NAMES)
-    result = localization.score(translated[float(h.scale)], cases, synthetic.CLASS_NAMES)
-    localization.plot_examples(os.path.join(out, "heatmaps.png"), images, cases,
-                               translated[float(h.scale)], synthetic.CLASS_NAMES,
-                               loc.examples_per_class)
-    return {mode: {"pointing_game": r.get("pointing_game"), "chance": r.get("chance"),
-                   "energy_inside": r.get("energy_inside"), "n": r["n"],
-                   "per_class": r.get("per_class", {})} for mode, r in result.items()}
+        models, images, cases, scales=scales, batch_size=loc.batch_size,
+        data_classes=synthetic.CLASS_NAMES, **settings)
+    if figure:
+        localization.plot_examples(figure, images, cases, translated["scales"][scales[0]],
+                                   synthetic.CLASS_NAMES, loc.examples_per_class)
+    return {str(s): localization.score(translated, s, cases, synthetic.CLASS_NAMES)
+            for s in scales}
+
+
+def select_scale(config: Any, out: str, validation: dict) -> dict:
+    """The guidance scale with the best mean pointing game over the modes on the validation
+    films (the test films are not looked at); returns {"scale", "sweep": {scale: results}}."""
+    scales = sorted({float(s) for s in config.heatmaps.localization.sweep_scales})
+    sweep = localize(config, out, validation, scales=scales,
+                     per_class=int(config.heatmaps.localization.validation_cases_per_class))
+    mean = {s: sum(r["pointing_game"] for r in sweep[str(s)].values()) / len(sweep[str(s)])
+            for s in scales}
+    best = max(scales, key=lambda s: (mean[s], -s))  # ties: the weaker guidance
+    from daug_jax.data import synthetic
+    from daug_jax.diffusion.strength import classifier_auroc
+    from daug_jax.heatmaps import load_models
+
+    # Where the guidance can act: the classifier's AUROC on noised validation films.
+    models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
+    level = int(config.heatmaps.level)
+    strength = classifier_auroc(models, validation["image"] * 2.0 - 1.0, validation["labels"],
+                                synthetic.CLASS_NAMES, levels=(0, level // 2, level))
+    return {"scale": best, "criterion": "mean pointing game over modes, validation split",
+            "mean_pointing_game": {str(s): v for s, v in mean.items()},
+            "classifier_auroc": strength, "sweep": sweep}
 
 
 def run_towers(config: Any, out: str, splits: dict[str, dict],
                heatmaps: dict[str, Any]) -> tuple[dict, dict]:
-    """The four ablation variants x seeds; returns (results, training histories)."""
+    """Both ablation settings x seeds as one population; returns (summary, histories)."""
     from daug_jax.data import synthetic
-    from experiments.ablation import VARIANTS, variant_config
+    from experiments.ablation import members
 
-    configs = {}
-    for name in VARIANTS:
-        cfg = variant_config(name, config.towers)
-        cfg.data.image_size = int(config.data.image_size)
-        cfg.model.vision.in_channels = 1 + len(config.heatmaps.targets.split(","))
-        configs[name] = cfg
-    history: dict = {}
-    results = ablation.run_ablation(configs, config.seeds, _source(splits["train"]),
-                                    _source(splits["test"]), os.path.join(out, "towers"),
-                                    class_names=synthetic.CLASS_NAMES, heatmaps=heatmaps,
-                                    history=history)
-    return results, history
+    towers = ml_collections.ConfigDict(config.towers.to_dict())
+    towers.data.image_size = int(config.data.image_size)
+    towers.model.vision.in_channels = 1 + len(config.heatmaps.targets.split(","))
+    runs = members(config.seeds)
+    results, histories = ablation.run_ablation(
+        towers, runs, train=_source(splits["train"]), query=_source(splits["test"]),
+        gallery=_source(splits["train"]), workdir=os.path.join(out, "towers"),
+        class_names=synthetic.CLASS_NAMES,
+        heatmaps={"train": heatmaps["train"], "query": heatmaps["test"],
+                  "gallery": heatmaps["train"]})
+    return ablation.summarize(results, config.seeds), histories
 
 
-def winner_sentence(results: dict) -> str:
-    """Which variant won on macro AUROC and on image->report R@5, against the baseline."""
+TABLE_KEYS = ("macro_auroc", "weighted_auroc", "x2x_mAP@5", "r2x_mAP@5", "x2r_mAP@5",
+              "i2t_R@5", "t2i_R@5")
+
+
+def effect_sentences(summary: dict) -> list[str]:
+    """One plain sentence per setting and effect, on that setting's headline metrics."""
+    from daug_jax import stats
+
+    headline = {"classification": ("macro_auroc", "weighted_auroc"),
+                "retrieval": ("x2x_mAP@5", "r2x_mAP@5", "x2r_mAP@5")}
     lines = []
-    for key, label in (("macro_auroc", "macro AUROC"), ("i2t_R@5", "image->report R@5"),
-                       ("i2i_P@10", "image->image P@10")):
-        ranked = sorted(results, key=lambda v: -(results[v][key] or 0.0))
-        best, base = ranked[0], results["baseline"][key] or 0.0
-        lines.append(f"{label}: {best} wins with {results[best][key]:.3f} "
-                     f"(baseline {base:.3f}, {results[best][key] - base:+.3f}; "
-                     f"runner-up {ranked[1]} {results[ranked[1]][key]:.3f})")
-    return "\n".join(lines)
+    for setting, body in summary["settings"].items():
+        for effect, label in (("daug", "The DAug channel"), ("hybrid", "The hybrid loss")):
+            parts = []
+            for key in headline[setting]:
+                e = body["effects"][effect][key]
+                if e["mean"] is None:
+                    continue
+                verdict = ("raised" if e["mean"] > 0 else "lowered") if stats.excludes_zero(e) \
+                    else "left unresolved"
+                ci = "" if e["ci95"] is None else f" [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
+                parts.append(f"{verdict} {key} ({e['mean']:+.3f}{ci})")
+            lines.append(f"{setting.capitalize()} setting: {label} " + "; ".join(parts) + ".")
+    return lines
 
 
-def write_report(out: str, config: Any, results: dict, localization_result: dict,
-                 timing: dict, history: dict) -> dict:
-    """results.json, results.md and the figures; returns the results dict."""
-    from daug_jax import figures
+def _localization_lines(result: dict) -> list[str]:
+    lines = ["| mode | pointing game | chance | unguided (guided − it, 95 % CI) | "
+             "swapped class (guided − it, 95 % CI) | n |", "| --- | --- | --- | --- | --- | --- |"]
 
-    variants = {name: {k: r[k] for k in ("macro_auroc", "per_class_auroc", *ablation.METRIC_KEYS[1:])}
-                | {"std": r["std"], "per_seed": r["per_seed"]} for name, r in results.items()}
-    payload = {"variants": variants, "localization": localization_result,
-               "timing_s": timing, "config": json.loads(config.to_json())}
-    write_json(os.path.join(out, "results.json"), payload)
-    figures.training_curves(os.path.join(out, "training_curves.png"), history)
-    lines = ["# DAug demo results", "",
-             f"Synthetic benchmark, {config.data.image_size} px, {config.data.num_train} training "
-             f"and {config.data.num_test} test films, seeds {list(config.seeds)}.", "",
-             ablation.markdown_table(results), "", winner_sentence(results).replace("\n", "  \n"),
-             "", "## Localization (pointing game on held-out films)", "",
-             "| mode | pointing game | chance | ratio | energy inside | n |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for mode, r in localization_result.items():
+    def control(r):
+        if not r:
+            return "n/a"
+        d = r["difference"]
+        ci = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+        return f"{r['pointing_game']:.3f} ({d['mean']:+.3f}{ci})"
+
+    for mode, r in result.items():
         if r.get("pointing_game") is None:
             continue
         lines.append(f"| {mode} | {r['pointing_game']:.3f} | {r['chance']:.3f} | "
-                     f"{r['pointing_game'] / r['chance']:.1f}x | {r['energy_inside']:.3f} | {r['n']} |")
-    lines += ["", "## Time per stage (s)", "",
-              "| " + " | ".join(timing) + " |", "|" + " --- |" * len(timing),
-              "| " + " | ".join(f"{v:.0f}" for v in timing.values()) + " |"]
-    text = "\n".join(lines) + "\n"
-    write_text(os.path.join(out, "results.md"), text)
+                     f"{control(r.get('unguided'))} | {control(r.get('swapped'))} | {r['n']} |")
+    return lines
+
+
+def write_report(out: str, config: Any, summary: dict, loc: dict, selection: dict,
+                 timing: dict, histories: dict) -> dict:
+    """results.json, results.md and the training-curves figure; returns the results dict."""
+    from daug_jax import figures
+
+    payload = {**summary, "localization": loc,
+               "selection": {k: v for k, v in selection.items() if k != "sweep"},
+               "timing_s": timing, "config": json.loads(config.to_json())}
+    write_json(os.path.join(out, "results.json"), payload)
+    curves = {}
+    for name, history in histories.items():
+        setting, variant, _ = name.split("/")
+        curves.setdefault(f"{setting}/{variant}", []).append(history)
+    figures.training_curves(os.path.join(out, "training_curves.png"), curves)
+    d = config.data
+    lines = ["# DAug demo results", "",
+             f"Synthetic benchmark, {d.image_size} px; {d.num_train} training films (the towers' "
+             f"training set and the retrieval gallery), {d.num_validation} validation films (the "
+             f"guidance scale, {selection['scale']:g}, chosen there), {d.num_test} test films "
+             f"(every figure below); seeds {list(summary['seeds'])}: mean ± sample std over "
+             "seeds, effects as paired differences over seeds with a 95 % t-interval.", "",
+             ablation.markdown_tables(summary, TABLE_KEYS), *effect_sentences(summary), "",
+             f"## Localization (pointing game, test films, guidance scale {selection['scale']:g})",
+             "", *_localization_lines(loc), "", "## Time per stage (s)", "",
+             "| " + " | ".join(timing) + " |", "|" + " --- |" * len(timing),
+             "| " + " | ".join(f"{v:.0f}" for v in timing.values()) + " |"]
+    write_text(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
     return payload
 
 
@@ -183,14 +248,6 @@ def run_demo(config: Any) -> dict:
 
     out = config.out
     os.makedirs(out, exist_ok=True)
-    import jax
-
-    # Compiled programs persist under <out>/xla_cache (unless JAX_COMPILATION_CACHE_DIR says
-    # otherwise): the four tower variants run one program, and a resumed demo compiles nothing
-    # it compiled before.  On a 2-core CPU compilation is a large part of the demo's time.
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.abspath(os.path.join(out, "xla_cache")))
     timer = _Timer(out)
     with timer.stage("data"):
         splits = make_splits(config.data)
@@ -205,25 +262,37 @@ def run_demo(config: Any) -> dict:
         diffusion_train.train_classifier(
             dcfg, ArraySource({"image": train["image"], "labels": train["labels"]}),
             os.path.join(out, "classifier"), class_names=synthetic.CLASS_NAMES)
+    with timer.stage("selection"):
+        selection = _cached(os.path.join(out, "selection.json"),
+                            lambda: select_scale(config, out, splits["validation"]))
+    scale = float(selection["scale"])
     with timer.stage("heatmaps"):
-        heatmaps = make_heatmaps(config, out, splits)
-    loc_path = os.path.join(out, "localization.json")
+        heatmaps = make_heatmaps(config, out, splits, scale)
     with timer.stage("localization"):
-        if not os.path.exists(loc_path):
-            write_json(loc_path, localize(config, out, splits["test"]))
-    localization_result = read_json(loc_path)
+        loc = _cached(os.path.join(out, "localization.json"), lambda: localize(
+            config, out, splits["test"], scales=[scale],
+            per_class=int(config.heatmaps.localization.cases_per_class),
+            figure=os.path.join(out, "heatmaps.png"))[str(scale)])
     with timer.stage("towers"):
-        results, history = run_towers(config, out, splits, heatmaps)
+        summary, histories = run_towers(config, out, splits, heatmaps)
     with timer.stage("report"):
         from daug_jax import figures
 
         figures.retrieval_example(os.path.join(out, "retrieval_example.png"),
-                                  os.path.join(out, "towers", "daug_hybrid", f"seed{config.seeds[0]}"),
-                                  splits["test"], heatmaps=heatmaps["test"])
-        payload = write_report(out, config, results, localization_result, timer.seconds, history)
+                                  os.path.join(out, "towers"), splits["test"],
+                                  heatmaps=heatmaps["test"],
+                                  member=f"retrieval/daug_hybrid/seed{config.seeds[0]}")
+        payload = write_report(out, config, summary, loc, selection, timer.seconds, histories)
     payload["timing_s"] = timer.seconds
     write_json(os.path.join(out, "results.json"), payload)
     return payload
+
+
+def _cached(path: str, compute) -> Any:
+    """``path``'s JSON, computed and written first if absent (a rerun skips the stage)."""
+    if not os.path.exists(path):
+        write_json(path, compute())
+    return read_json(path)
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -243,6 +312,14 @@ def main(command: str, argv: list[str]) -> int:
     validate(config.diffusion)
     if args.out:
         config.out = args.out
+    import jax
+
+    # Compiled programs persist under <out>/xla_cache (unless JAX_COMPILATION_CACHE_DIR says
+    # otherwise): a resumed demo compiles nothing it compiled before.  On a 2-core CPU
+    # compilation is a large part of the demo's time.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.abspath(os.path.join(config.out, "xla_cache")))
     start = time.perf_counter()
     run_demo(config)
     print(f"\ndemo: finished in {time.perf_counter() - start:.0f} s (this run); results in "

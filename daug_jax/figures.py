@@ -23,7 +23,7 @@ def _pyplot():
 def training_curves(path: str, history: dict[str, list[list[dict]]]) -> None:
     """Both loss parts vs step, one line per variant (first seed).
 
-    history: variant -> per seed -> logged rows {"step", "image_text", "image_class", ...}.
+    history: variant (e.g. "retrieval/daug") -> per seed -> logged rows {"step", "image_text", "image_class", ...}.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -36,25 +36,27 @@ def training_curves(path: str, history: dict[str, list[list[dict]]]) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[1].text(0.02, 0.02, "CLIP-only variants: logged, not optimised", fontsize=7,
+    axes[1].text(0.02, 0.02, "CLIP-only (w = 1) variants: logged, not optimised", fontsize=7,
                  transform=axes[1].transAxes)
-    axes[0].legend()
+    axes[0].text(0.02, 0.02, "class-only (w = 0) variants: logged, not optimised", fontsize=7,
+                 transform=axes[0].transAxes)
+    axes[1].legend(fontsize=6)
     save_figure(fig, path, bbox_inches="tight")
 
 
 def retrieval_example(path: str, workdir: str, test: dict, num_queries: int = 3,
-                      top_k: int = 4, *, heatmaps: Any = None) -> None:
+                      top_k: int = 4, *, heatmaps: Any = None, member: str | None = None) -> None:
     """For a few test films: the query, its top-k most similar films and the top report.
 
     test: the (small, in-memory) test films as arrays with "image", "labels", "report", "id";
-    heatmaps: their heatmap dataset, for DAug towers.
+    heatmaps: their heatmap dataset, for DAug towers; member: which towers of a population.
     """
     from daug_jax.data.pipeline import ArraySource
     from daug_jax.data.synthetic import CLASS_NAMES
     from daug_jax.evaluate import embed
     from daug_jax.train import load_towers
 
-    model, variables, tokenizer, config = load_towers(workdir)
+    model, variables, tokenizer, config = load_towers(workdir, member)
     source = ArraySource({k: test[k] for k in ("image", "labels", "report", "id")})
     emb = embed(model, variables, tokenizer, config, source, class_names=CLASS_NAMES,
                 heatmaps=heatmaps)

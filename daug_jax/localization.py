@@ -5,8 +5,9 @@ Modes per localized class c, by the regions a dataset carries:
 - anomaly (lesion ``masks`` of the synthetic benchmark, radiologist ``boxes`` of NIH
   ChestX-ray14): films positive for c, translated towards ``no:c``; a hit when the heatmap's
   maximum lies inside c's region (the guidance removed the finding where it is);
-- channel (``boxes``): the same films translated towards "No Finding" — the DAug channel of the
-  paper, one anomaly map for every finding;
+- channel (``masks``, ``boxes``): the same films translated towards "No Finding" — the DAug
+  channel of the paper, one anomaly map for every finding, so a hit is a maximum inside any of
+  the film's findings;
 - site (``sites``, synthetic only): films negative for c, translated towards c; a hit when the
   maximum lies inside c's site mask (the guidance drew the finding where it develops).
 
@@ -69,7 +70,10 @@ def select_cases(labels: np.ndarray, regions: dict[str, np.ndarray],
     "boxes"), C ordered as ``data_classes``; modes: `modes_for` output (default: from the
     fields).  A case needs the mode's label (uncertain films are left out) and a non-empty
     region.  Returns ``{mode: {"image": [M] int, "class": [M] int (index into data_classes),
-    "region": [M, H, W]}}``.
+    "region": [M, H, W]}}``.  The region is class c's, except in the channel mode: the map
+    towards "No Finding" is one map for every finding, so its region is the union of the
+    regions of all ``classes`` the film is positive for (a peak on the film's other finding is
+    a hit, not a miss); its cases are still listed, and reported, by class.
     """
     modes = modes or modes_for(regions)
     order = np.random.default_rng(seed).permutation(len(labels))
@@ -83,7 +87,12 @@ def select_cases(labels: np.ndarray, regions: dict[str, np.ndarray],
             rows += chosen.tolist()
             cols += [c] * len(chosen)
         rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        cases[mode] = {"image": rows, "class": cols, "region": regions[field][rows, cols]}
+        region = regions[field][rows, cols]
+        if modes[mode][2] == "healthy":
+            columns = [list(data_classes).index(name) for name in classes]
+            positive = labels[rows][:, columns] == 1                         # [M, C'']
+            region = (regions[field][rows][:, columns] & positive[:, :, None, None]).any(axis=1)
+        cases[mode] = {"image": rows, "class": cols, "region": region}
     return cases
 
 

@@ -1,33 +1,64 @@
-"""The paper's 2x2 ablation: DAug channels (on/off) x hybrid loss (on/off).
+"""The paper's two ablation settings, each DAug channels (on/off) x hybrid loss (on/off).
 
-Same architecture and budget in all four runs (experiments/towers.py); only the content of the
-extra image channels and the weight of the image-class term change:
+Same architecture and budget in every run (experiments/towers.py); only the content of the
+extra image channels and the weight w of ``L = w · L_image-text + (1 − w) · L_image-class``
+change.  Each setting compares its single-term loss with the hybrid one, as the authors do:
 
-    baseline     image repeated into the extra channels, CLIP loss
-    daug         [x0, DAug heatmaps],                     CLIP loss
-    hybrid       image repeated into the extra channels, hybrid loss
-    daug_hybrid  [x0, DAug heatmaps],                     hybrid loss
+    classification   single term: class term only (w = 0)   hybrid: w = 0.7
+    retrieval        single term: CLIP loss only (w = 1)     hybrid: w = 0.8
+
+and inside each setting the variants
+
+    baseline     the film repeated into the extra channels, single-term loss
+    daug         [x0, DAug heatmap],                          single-term loss
+    hybrid       the film repeated into the extra channels, hybrid loss
+    daug_hybrid  [x0, DAug heatmap],                          hybrid loss
+
+    daug-jax train --config ablation --workdir runs/daug_hybrid   # one variant alone
 """
 
 import ml_collections
 
 from experiments import towers
 
-VARIANTS = {
-    "baseline": dict(fill="repeat", clip_weight=1.0),
-    "daug": dict(fill="heatmaps", clip_weight=1.0),
-    "hybrid": dict(fill="repeat", clip_weight=0.5),
-    "daug_hybrid": dict(fill="heatmaps", clip_weight=0.5),
+SETTINGS = {
+    "classification": {"single": 0.0, "hybrid": 0.7},
+    "retrieval": {"single": 1.0, "hybrid": 0.8},
+}
+VARIANTS = {  # name -> (model.vision.fill, which loss of the setting)
+    "baseline": ("repeat", "single"),
+    "daug": ("heatmaps", "single"),
+    "hybrid": ("repeat", "hybrid"),
+    "daug_hybrid": ("heatmaps", "hybrid"),
 }
 
 
-def variant_config(name: str, base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """The towers config of one variant (``base`` defaults to experiments/towers.py)."""
+def members(seeds, settings=tuple(SETTINGS)) -> list[dict]:
+    """Every run of the ablation as a member of one population (`daug_jax.population`):
+    {"name": "<setting>/<variant>/seed<k>", "seed", "fill", "clip_weight"}."""
+    out = []
+    for setting in settings:
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown ablation setting {setting!r}; expected one of "
+                             f"{list(SETTINGS)}")
+        for variant, (fill, loss) in VARIANTS.items():
+            for seed in seeds:
+                out.append({"name": f"{setting}/{variant}/seed{int(seed)}", "seed": int(seed),
+                            "fill": fill, "clip_weight": SETTINGS[setting][loss]})
+    return out
+
+
+def variant_config(name: str, base: ml_collections.ConfigDict | None = None,
+                   setting: str = "retrieval") -> ml_collections.ConfigDict:
+    """The towers config of one variant of one setting (``base`` defaults to experiments/towers.py)."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown ablation setting {setting!r}; expected one of {list(SETTINGS)}")
     config = ml_collections.ConfigDict((base or towers.get_config()).to_dict())
-    config.model.vision.fill = VARIANTS[name]["fill"]
-    config.train.clip_weight = VARIANTS[name]["clip_weight"]
+    fill, loss = VARIANTS[name]
+    config.model.vision.fill = fill
+    config.train.clip_weight = SETTINGS[setting][loss]
     return config
 
 

@@ -30,6 +30,9 @@ def _heatmaps() -> ml_collections.ConfigDict:
     # spread the change; 10 keeps both modes near their best.
     config.scale = 10.0
     config.smooth_sigma = 1.0        # pixels; takes the edge off single-pixel DDIM noise
+    # What a map is measured against: "x0" (the film: guidance change + DDIM inversion error) or
+    # "reconstruction" (the unguided DDIM decode: the inversion error cancels; one more decode).
+    config.reference = "x0"
     config.batch_size = 16
     config.shard_size = 256
     config.dtype = "uint8"           # channels stored as round(255 * h), read back as h in [0, 1]
@@ -37,7 +40,7 @@ def _heatmaps() -> ml_collections.ConfigDict:
     config.calibration = dict(num_images=64, percentile=99.0)
     # `daug-jax localize`: held-out synthetic images, per localized class up to `cases_per_class`
     # positives (anomaly mode) and as many negatives (site mode).
-    config.localization = dict(cases_per_class=24, pool_size=1000,
+    config.localization = dict(cases_per_class=24, pool_size=1000, validation_cases_per_class=8,
                                sweep_scales=(1.0, 3.0, 10.0, 30.0), examples_per_class=2,
                                batch_size=16)
     return config

@@ -6,12 +6,9 @@ import os
 import pytest
 
 from daug_jax import demo
-from daug_jax.data import synthetic
 from experiments import demo as demo_config
 
-VARIANT_KEYS = {"macro_auroc", "per_class_auroc", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1",
-                "t2i_R@5", "t2i_R@10", "i2i_P@10"}
-
+from daug_jax.ablation import METRIC_KEYS
 
 # Compiling every stage's programs takes minutes on a 2-core CPU, more than the suite's budget:
 # run with DAUG_E2E=1 (e.g. `DAUG_E2E=1 .venv/bin/pytest tests/test_demo.py`).
@@ -27,25 +24,34 @@ def test_quick_demo_writes_every_result(tmp_path):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
-    assert set(results["variants"]) == {"baseline", "daug", "hybrid", "daug_hybrid"}
-    for name, r in results["variants"].items():
-        assert VARIANT_KEYS <= set(r), name
-        assert set(r["per_class_auroc"]) == set(synthetic.CLASS_NAMES)
-        for key in VARIANT_KEYS - {"per_class_auroc", "macro_auroc"}:
-            assert 0.0 <= r[key] <= 1.0, (name, key)
-    for mode in ("anomaly", "site"):
+    assert results["seeds"] == list(config.seeds)
+    assert set(results["settings"]) == {"classification", "retrieval"}
+    for setting, body in results["settings"].items():
+        assert set(body["variants"]) == {"baseline", "daug", "hybrid", "daug_hybrid"}
+        for name, r in body["variants"].items():
+            assert set(METRIC_KEYS) <= set(r), (setting, name)
+            for key in METRIC_KEYS:
+                assert len(r[key]["per_seed"]) == len(config.seeds)
+                assert r[key]["mean"] is None or 0.0 <= r[key]["mean"] <= 1.0, (name, key)
+        for effect in ("daug", "hybrid"):
+            e = body["effects"][effect]["macro_auroc"]
+            assert e["ci95"][0] <= e["mean"] <= e["ci95"][1]
+    assert results["chance"]["macro_auroc"] == 0.5 and 0 < results["chance"]["x2x_mAP@5"] < 1
+    for mode in ("anomaly", "site", "channel"):
         loc = results["localization"][mode]
-        assert {"pointing_game", "chance", "per_class"} <= set(loc)
+        assert {"pointing_game", "chance", "per_class", "unguided", "swapped"} <= set(loc)
         assert 0.0 < loc["chance"] < 1.0
+        assert set(loc["unguided"]) >= {"pointing_game", "chance", "per_class", "difference"}
     assert set(results["timing_s"]) == set(demo.STAGES)
+    assert results["selection"]["scale"] in config.heatmaps.localization.sweep_scales
     assert results["config"]["data"]["num_train"] == config.data.num_train
     with open(os.path.join(out, "results.md")) as f:
         table = f.read()
-    assert "| daug_hybrid |" in table and "wins with" in table
+    assert "| daug_hybrid |" in table and "| effect of daug |" in table
 
     # A rerun finds every stage done: nothing is retrained, the timing is kept.
     demo.run_demo(config)
     with open(os.path.join(out, "results.json")) as f:
         again = json.load(f)
     assert again["timing_s"] == results["timing_s"]
-    assert again["variants"]["daug"]["i2t_R@5"] == results["variants"]["daug"]["i2t_R@5"]
+    assert again["settings"] == results["settings"]

@@ -249,3 +249,20 @@ def test_select_cases_and_pointing_on_known_regions():
         img, cls = cases[mode]["image"], cases[mode]["class"]
         moved = logit(out["scales"][2.0][mode]["translated"], cls) - logit(images[img], cls)
         assert np.all(sign * np.diag(moved) > 0)
+
+
+def test_channel_region_is_the_union_of_the_films_findings():
+    """The "No Finding" map is one map for every finding: its region is every finding of the
+    film (uncertain ones left out), while the anomaly mode keeps the case's own class."""
+    left = np.zeros((H, W), bool)
+    left[:, : W // 2] = True
+    labels = np.array([[0, 1, 1], [0, 1, -1]], np.int8)
+    masks = np.zeros((2, 3, H, W), bool)
+    masks[:, 1], masks[:, 2] = left, ~left
+    cases = localization.select_cases(labels, {"masks": masks}, CLASSES, ("Left", "Right"), 2)
+    channel, anomaly = cases["channel"], cases["anomaly"]
+    both = channel["region"][(channel["image"] == 0) & (channel["class"] == 1)][0]
+    assert both.all()  # film 0 has both findings: the whole film
+    only_left = channel["region"][channel["image"] == 1][0]
+    np.testing.assert_array_equal(only_left, left)  # film 1's "Right" is uncertain
+    np.testing.assert_array_equal(anomaly["region"][anomaly["image"] == 0][0], left)
