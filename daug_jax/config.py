@@ -75,7 +75,8 @@ _RULES = {
         "ch", "num_res_blocks", "norm_groups", "num_heads", "vocab_size", "hidden_size",
         "num_layers", "intermediate_size", "max_length", "embed_dim", "input_threads")},
     **{k: (_count, "an integer >= 0") for k in (
-        "warmup", "warmup_steps", "num_validation", "num_test", "seed", "level")},
+        "warmup", "warmup_steps", "num_validation", "num_test", "seed", "level",
+        "member_chunk")},
     **{k: (lambda v: _number(v) and v > 0, "a positive number") for k in (
         "lr", "learning_rate", "grad_clip")},
     **{k: (lambda v: _number(v) and v >= 0, "a number >= 0") for k in (

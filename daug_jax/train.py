@@ -313,12 +313,14 @@ def _fit(config, members, source, workdir, *, class_names, heatmaps, until_step,
     if start:  # resumed: the stream restarts at the restored step
         batches, first = stream(start), None
     histories = _read_histories(os.path.join(workdir, "metrics.jsonl"), start, members)
-    step_fn = jax.jit(jax.vmap(make_train_step(
-                          model, tx, schedule, prompts=config.model.get("prompts", "single"),
-                          skip_nonfinite=bool(train_cfg.get("skip_nonfinite", False)))),
-                      in_shardings=(rep, parallel.data_sharding(mesh, axis=1), rep),
+    one = make_train_step(model, tx, schedule, prompts=config.model.get("prompts", "single"),
+                          skip_nonfinite=bool(train_cfg.get("skip_nonfinite", False)))
+    step_fn = jax.jit(jax.vmap(one), in_shardings=(rep, parallel.data_sharding(mesh, axis=1), rep),
                       out_shardings=rep, donate_argnums=0,
                       compiler_options=_compiler_options(config))
+    chunks = population.Chunks(len(members), train_cfg.get("member_chunk"))
+    parts, const_parts = chunks.split(state), chunks.split(consts)
+    del state
     steps = int(train_cfg.steps)
     stop = steps if until_step is None else min(int(until_step), steps)
     log = _Logger(workdir, members, histories, start)
@@ -329,18 +331,21 @@ def _fit(config, members, source, workdir, *, class_names, heatmaps, until_step,
         for step in bar:
             host = first if first is not None else next(batches)
             first = None
-            state, metrics = step_fn(state, parallel.shard_batch(host, mesh, axis=1), consts)
-            log.pending.append(metrics)  # device arrays: read once per interval, not every step
+            out = [step_fn(part, parallel.shard_batch({k: v[sl] for k, v in host.items()}, mesh,
+                                                      axis=1), c)
+                   for part, c, sl in zip(parts, const_parts, chunks.slices)]
+            parts = [o[0] for o in out]
+            log.pending.append(chunks.join([o[1] for o in out]))  # read once per interval
             done = step + 1
             logs, saves = done % log_every == 0 or done == stop, done % every == 0 or done == stop
             if not (logs or saves):
                 continue
             log.flush(done, record=logs, bar=bar)  # checked before anything is saved
             if saves and ckpt.latest_step() != done:
-                ckpt.save(done, state, meta, force=True)
+                ckpt.save(done, chunks.join(parts), meta, force=True)
                 log.saved = done
     ckpt.close()
-    return state, log.histories
+    return chunks.join(parts), log.histories
 
 
 class _Logger:

@@ -41,10 +41,10 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
     # Guidance scales tried on the validation films (8 per class and mode).
     config.heatmaps.localization.update(sweep_scales=(3.0, 10.0, 30.0, 100.0),
                                         validation_cases_per_class=8)
-    # 24 runs share this budget: 150 steps of batch 32 each (~5 passes over 1024 films);
+    # 24 runs share this budget: 120 steps of batch 32 each (~4 passes over 1024 films);
     # reports cut at 64 tokens (the synthetic reports' median is 47).  Threefry keys: under vmap
     # they draw what each run would draw alone (RBG keys do not).
-    config.towers.train.update(steps=150, warmup=15, prng_impl="threefry2x32")
+    config.towers.train.update(steps=120, warmup=12, prng_impl="threefry2x32")
     config.towers.model.text.max_length = 64
     if quick:
         config.data.update(num_train=64, num_validation=48, num_test=48)

@@ -18,8 +18,12 @@ Wolleb et al. diffusion recipe: linear schedule, T = 1000, UNet with 128 channel
 (1, 1, 2, 2, 4, 4), 2 residual blocks, attention at 16 px, encode to L = 500, guided decode
 with classifier scale 100 over every level (500 DDIM moves each way).
 
-Until pretrained CLIP towers land, the image tower is a ResNet-50 trained from scratch and the
-text tower a BERT from a local checkpoint directory (``model.text.path``) or from scratch.
+The towers here are a ResNet-50 trained from scratch and a BERT from a local checkpoint
+directory (``model.text.path``) or from scratch, which runs without any download.  The authors'
+backbone, CLIP ViT-B/32 fine-tuned from its checkpoint with their recipe and the heatmap in
+channel 0 (``channels="replace"``), is experiments/clip_towers.py: train the towers with
+``--config clip_towers --set model.vision.path=DIR --set model.text.path=DIR`` and the same
+``--data mimic_cxr --data-dir ...`` (the other stages keep this config).
 """
 
 import ml_collections

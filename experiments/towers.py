@@ -96,6 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
         # RBG keys compile several times faster than threefry on CPU; both are deterministic on
         # a fixed set of devices, which is what exact resume needs.
         prng_impl="rbg",
+        # Populations of runs (an ablation, `train_population`): members per vmapped block.
+        # 1 on CPU (a wide vmap of convolutions is slow there, measured); 0 = all members in
+        # one vmap, for accelerators.
+        member_chunk=1,
         # XLA options of the compiled init and step, e.g. {"xla_backend_optimization_level": 0}
         # halves CPU compile time for short runs at the cost of slower steps.
         compiler_options={},

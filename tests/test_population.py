@@ -32,7 +32,8 @@ MEMBERS = [
 def _pop_config():
     config = _config()
     config.train.update(steps=STEPS, batch_size=8, checkpoint_every=3, log_every=3,
-                        prng_impl="threefry2x32")
+                        prng_impl="threefry2x32",
+                        member_chunk=2)  # a vmapped block of 2 and one of 1
     return config
 
 
