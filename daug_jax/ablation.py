@@ -41,15 +41,16 @@ def run_ablation(config: Any, members: Sequence[dict], *, train: Any, query: Any
     maps = heatmaps or {}
     _, histories = train_population(config, members, train, workdir, class_names=class_names,
                                     heatmaps=maps.get("train"), progress=progress)
-    results = {}
-    for member in members:
-        path = os.path.join(workdir, "eval", member["name"].replace("/", "__") + ".json")
-        if not os.path.exists(path):
-            write_json(path, evaluate_towers(
-                workdir, query, gallery, class_names=class_names, member=member["name"],
-                heatmaps={"query": maps.get("query"), "gallery": maps.get("gallery")}))
-        results[member["name"]] = read_json(path)
-    return results, histories
+    paths = {m["name"]: os.path.join(workdir, "eval", m["name"].replace("/", "__") + ".json")
+             for m in members}
+    todo = [name for name, path in paths.items() if not os.path.exists(path)]
+    if todo:  # one restore and one set of compiled encoders for every member
+        done = evaluate_towers(workdir, query, gallery, class_names=class_names, members=todo,
+                               heatmaps={"query": maps.get("query"),
+                                         "gallery": maps.get("gallery")}, progress=progress)
+        for name, result in done.items():
+            write_json(paths[name], result)
+    return {name: read_json(path) for name, path in paths.items()}, histories
 
 
 def _per_seed(results: dict, setting: str, variant: str, seeds: Sequence[int], key: str) -> list:

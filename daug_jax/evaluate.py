@@ -33,9 +33,17 @@ _BATCH = 256  # records encoded per call; the last chunk is padded to keep one c
 _QUERY_BLOCK = 1024  # query rows per similarity block: [1024, G] float32 at a time
 
 
+def encoders(model: TwoTower) -> tuple[Any, Any]:
+    """Compiled ``image_fn(variables, images)`` and ``text_fn(variables, ids, mask)``.  The
+    variables are an argument, not a constant of the programs: towers of the same shape (the
+    members of an ablation) share them."""
+    return (jax.jit(lambda v, x: model.apply(v, x, method=TwoTower.encode_image)),
+            jax.jit(lambda v, i, m: model.apply(v, i, m, method=TwoTower.encode_text)))
+
+
 def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source: Any, *,
           class_names: Sequence[str], heatmaps: Any = None, reports: bool = True,
-          progress: bool = False) -> dict:
+          progress: bool = False, fns: tuple | None = None) -> dict:
     """Unit-norm embeddings of ``source``'s images, reports and the class prompts.
 
     source: a random-access split (records as for `train_towers`); class_names: its label
@@ -45,10 +53,7 @@ def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source:
     config.model.class_names), "id" [N], "prompts", "logit_scale", "class_scale", "class_bias"}.
     """
     reader = make_reader(config, source, class_names, heatmaps, reports=reports)
-    # The variables are an argument, not a constant of the programs: towers of the same shape
-    # (the members of an ablation) share the compiled encoders.
-    image_fn = jax.jit(lambda v, x: model.apply(v, x, method=TwoTower.encode_image))
-    text_fn = jax.jit(lambda v, i, m: model.apply(v, i, m, method=TwoTower.encode_text))
+    image_fn, text_fn = fns or encoders(model)
     out = {k: [] for k in ("image_emb", "text_emb", "labels", "label_mask", "id")}
     chunks = ordered_batches(reader, _BATCH)
     for _, batch in tqdm(chunks, total=-(-len(source) // _BATCH), desc="embed", unit="chunk",
@@ -112,18 +117,30 @@ def evaluate_embeddings(query: dict, gallery: dict, class_names: list[str]) -> d
 
 
 def evaluate_towers(workdir: str, query: Any, gallery: Any, *, class_names: Sequence[str],
-                    heatmaps: dict | None = None, reports: bool = True, member: str | None = None,
-                    progress: bool = False) -> dict:
-    """Loads the latest checkpoint in ``workdir`` (one ``member`` of a population) and scores
-    it: queries from ``query``, the gallery ``gallery`` (random-access splits with the label
-    columns ``class_names``); heatmaps: {"query": ..., "gallery": ...} heatmap datasets of DAug
-    towers.  Returns `evaluate_embeddings` output."""
-    model, variables, tokenizer, config = load_towers(workdir, member)
-    maps = heatmaps or {}
-    emb = {role: embed(model, variables, tokenizer, config, source, class_names=class_names,
-                       heatmaps=maps.get(role), reports=reports, progress=progress)
-           for role, source in (("query", query), ("gallery", gallery))}
-    return evaluate_embeddings(emb["query"], emb["gallery"], list(config.model.class_names))
+                    heatmaps: dict | None = None, reports: bool = True,
+                    members: Sequence[str] | None = None, progress: bool = False) -> dict:
+    """Loads the latest checkpoint in ``workdir`` once and scores each of ``members`` (default:
+    every member of the population; a single run has one, "run"): queries from ``query``, the
+    gallery ``gallery`` (random-access splits with the label columns ``class_names``);
+    heatmaps: {"query": ..., "gallery": ...} heatmap datasets of DAug towers.  Returns {member
+    name: `evaluate_embeddings` output}."""
+    from daug_jax import population
+    from daug_jax.train import load_population
+
+    model, stacked, tokenizer, configs = load_population(workdir)
+    fns, maps, names = encoders(model), heatmaps or {}, list(members or configs)
+    out = {}
+    for name in names:
+        if name not in configs:
+            raise ValueError(f"{workdir} has no member {name!r}; its members: {list(configs)}")
+        variables, config = population.take(stacked, list(configs).index(name)), configs[name]
+        emb = {role: embed(model, variables, tokenizer, config, source, class_names=class_names,
+                           heatmaps=maps.get(role) if config.model.vision.fill == "heatmaps"
+                           else None, reports=reports, progress=progress, fns=fns)
+               for role, source in (("query", query), ("gallery", gallery))}
+        out[name] = evaluate_embeddings(emb["query"], emb["gallery"],
+                                        list(config.model.class_names))
+    return out
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -155,9 +172,12 @@ def main(command: str, argv: list[str]) -> int:
     splits = {"query": args.query_split, "gallery": args.gallery_split}
     sources = {role: dataset.source(split) for role, split in splits.items()}
     heatmaps = {role: open_heatmaps(config, sources[role], split) for role, split in splits.items()}
-    result = evaluate_towers(args.towers, sources["query"], sources["gallery"],
-                             class_names=dataset.class_names, heatmaps=heatmaps,
-                             reports=dataset.has_reports, member=args.member, progress=True)
+    # (load_towers above named the member, or refused a population without --member.)
+    result, = evaluate_towers(args.towers, sources["query"], sources["gallery"],
+                              class_names=dataset.class_names, heatmaps=heatmaps,
+                              reports=dataset.has_reports,
+                              members=[args.member] if args.member else None,
+                              progress=True).values()
     result = {"dataset": dataset.name, "query_split": args.query_split,
               "gallery_split": args.gallery_split, "num_queries": len(sources["query"]),
               "num_gallery": len(sources["gallery"]), "towers": os.path.abspath(args.towers),

@@ -397,6 +397,19 @@ def load_towers(workdir: str, member: str | None = None
     ``model.apply(variables, images, method=TwoTower.encode_image)``.  member: which member of a
     population (`train_population`) to read, by name; config is then that member's config.
     """
+    model, stacked, tokenizer, configs = load_population(workdir)
+    names = list(configs)
+    if member is None and len(names) > 1:
+        raise ValueError(f"{workdir} holds {len(names)} towers; name one of {names}")
+    if member is not None and member not in names:
+        raise ValueError(f"{workdir} has no member {member!r}; its members: {names}")
+    index = 0 if member is None else names.index(member)
+    return model, population.take(stacked, index), tokenizer, configs[names[index]]
+
+
+def load_population(workdir: str) -> tuple[TwoTower, dict, Any, dict]:
+    """Every member of a run's latest checkpoint, restored once: (model, variables with every
+    leaf [M, ...], tokenizer, {member name: its config}) — members share the model's shape."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trained towers in {workdir} (missing {path})")
@@ -404,13 +417,7 @@ def load_towers(workdir: str, member: str | None = None
         config = ml_collections.ConfigDict(json.load(f))
     members = population.resolve(config, files.read_json(os.path.join(workdir, "members.json"),
                                                          None))
-    names = [m["name"] for m in members]
-    if member is None and len(members) > 1:
-        raise ValueError(f"{workdir} holds {len(members)} towers; name one of {names}")
-    if member is not None and member not in names:
-        raise ValueError(f"{workdir} has no member {member!r}; its members: {names}")
-    index = 0 if member is None else names.index(member)
-    config = population.member_config(config, members[index])
+    configs = {m["name"]: population.member_config(config, m) for m in members}
     from transformers import AutoTokenizer
 
     tok_dir = config.model.text.get("path") or os.path.join(workdir, "tokenizer")
@@ -441,8 +448,7 @@ def load_towers(workdir: str, member: str | None = None
                             jax.eval_shape(fresh))
     state, _ = ckpt.restore(template, step)
     ckpt.close()
-    state = population.take(state, index)
-    return model, {"params": state.params, "batch_stats": state.batch_stats}, tokenizer, config
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, tokenizer, configs
 
 
 # ----------------------------------------------------------------------------- CLI
