@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data prepare": ("daug_jax.data.registry", "Build MIMIC-CXR-JPG, CheXpert or NIH ChestX-ray14 from a manual download."),
     "train-diffusion": ("daug_jax.diffusion.train", "Train the epsilon-UNet (DDPM) on a dataset's training films."),
     "train-classifier": ("daug_jax.diffusion.train", "Train the noise-aware classifier that guides DDIM decoding."),
-    "demo": ("daug_jax.demo", "Run DAug end to end on the synthetic benchmark (the 2x2 ablation)."),
+    "demo": ("daug_jax.demo", "Run DAug end to end on the synthetic benchmark (both ablation settings, 3 seeds)."),
     "heatmaps": ("daug_jax.heatmap_job", "Write the DAug heatmap channels of a dataset (guided DDIM translation)."),
     "bench": ("daug_jax.bench", "Measure achieved FLOP/s of the train steps against a dense matmul, images/s, memory."),
     "bench heatmaps": ("daug_jax.heatmap_job", "Time the compiled heatmap program against a Python-dispatched loop."),

@@ -1,4 +1,4 @@
-"""``daug-jax demo``: DAug end to end on the built-in benchmark, with the paper's 2x2 ablation.
+"""``daug-jax demo``: DAug end to end on the built-in benchmark, both ablation settings.
 
     generate films -> train the epsilon-UNet -> train the noise-aware classifier
       -> guidance scale chosen on validation films -> heatmap channel of every film

@@ -16,7 +16,7 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
     # classifier, towers; the retrieval gallery), validation (the guidance scale is chosen
     # there) and test (every reported figure).
     config.data = dict(image_size=32, num_train=1024, num_validation=256, num_test=512, seed=0)
-    # Every seed trains all eight runs (two settings x four variants) as one vmapped program.
+    # Every seed trains all eight runs (two settings x four variants); all 24 are one population.
     config.seeds = (0, 1, 2)
 
     config.diffusion = diffusion.get_config()
