@@ -56,9 +56,11 @@ def make_splits(data_config: Any) -> dict[str, dict]:
             for split in ("train", "validation", "test")}
 
 
-def _heatmap_settings(config: Any, scale: float) -> dict:
+def _translation_settings(config: Any) -> dict:
+    """The heatmap settings shared by the heatmap job and the localization check (all but the
+    guidance scale, which is chosen on validation)."""
     h = config.heatmaps
-    return dict(level=h.level, num_steps=h.num_steps, scale=scale, smooth_sigma=h.smooth_sigma,
+    return dict(level=h.level, num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
                 reference=h.get("reference", "x0"))
 
 
@@ -74,7 +76,7 @@ def make_heatmaps(config: Any, out: str, splits: dict[str, dict], scale: float) 
     models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
     heatmap_fn = make_heatmap_fn(models.eps_fn, models.logit_fn, models.alpha_bar, h.targets,
                                  models.class_names, image_shape=models.image_shape,
-                                 **_heatmap_settings(config, scale))
+                                 scale=scale, **_translation_settings(config))
     train_source = ArraySource({k: splits["train"][k] for k in ("id", "image")})
     calibration = calibrate(heatmap_fn, train_source, directory,
                             num_images=h.calibration.num_images,
@@ -111,11 +113,9 @@ def localize(config: Any, out: str, films: dict, *, scales: list[float], per_cla
     cases = localization.select_cases(films["labels"], regions, synthetic.CLASS_NAMES, classes,
                                       per_class, int(config.data.seed))
     images = films["image"] * 2.0 - 1.0
-    settings = _heatmap_settings(config, 0.0)
-    del settings["scale"]
     translated = localization.translate_cases(
         models, images, cases, scales=scales, batch_size=loc.batch_size,
-        data_classes=synthetic.CLASS_NAMES, **settings)
+        data_classes=synthetic.CLASS_NAMES, **_translation_settings(config))
     if figure:
         localization.plot_examples(figure, images, cases, translated["scales"][scales[0]],
                                    synthetic.CLASS_NAMES, loc.examples_per_class)

@@ -27,7 +27,7 @@ from daug_jax.data.pipeline import ordered_batches, pad_rows
 from daug_jax.models import text as text_lib
 from daug_jax.models.two_tower import TwoTower, class_prompts
 from daug_jax.tower_inputs import make_reader, tower_batch
-from daug_jax.train import load_towers
+from daug_jax.train import pick_member, saved_configs
 
 _BATCH = 256  # records encoded per call; the last chunk is padded to keep one compiled shape
 _QUERY_BLOCK = 1024  # query rows per similarity block: [1024, G] float32 at a time
@@ -131,12 +131,11 @@ def evaluate_towers(workdir: str, query: Any, gallery: Any, *, class_names: Sequ
     fns, maps, names = encoders(model), heatmaps or {}, list(members or configs)
     out = {}
     for name in names:
-        if name not in configs:
-            raise ValueError(f"{workdir} has no member {name!r}; its members: {list(configs)}")
+        pick_member(configs, name, workdir)  # a clear error for an unknown name
         variables, config = population.take(stacked, list(configs).index(name)), configs[name]
+        # (a member that does not read heatmaps ignores them: `make_reader`)
         emb = {role: embed(model, variables, tokenizer, config, source, class_names=class_names,
-                           heatmaps=maps.get(role) if config.model.vision.fill == "heatmaps"
-                           else None, reports=reports, progress=progress, fns=fns)
+                           heatmaps=maps.get(role), reports=reports, progress=progress, fns=fns)
                for role, source in (("query", query), ("gallery", gallery))}
         out[name] = evaluate_embeddings(emb["query"], emb["gallery"],
                                         list(config.model.class_names))
@@ -165,19 +164,19 @@ def main(command: str, argv: list[str]) -> int:
                              "data.heatmaps_dir=runs/heatmaps")
     args = parser.parse_args(argv)
     parallel.maybe_initialize_distributed()
-    _, _, _, config = load_towers(args.towers, args.member)
+    configs = saved_configs(args.towers)
+    member = pick_member(configs, args.member, args.towers)
+    config = configs[member]
     apply_overrides(config, args.set)
     registry.apply_data_args(config, args)
     dataset = registry.open_dataset(config.data)
     splits = {"query": args.query_split, "gallery": args.gallery_split}
     sources = {role: dataset.source(split) for role, split in splits.items()}
     heatmaps = {role: open_heatmaps(config, sources[role], split) for role, split in splits.items()}
-    # (load_towers above named the member, or refused a population without --member.)
-    result, = evaluate_towers(args.towers, sources["query"], sources["gallery"],
-                              class_names=dataset.class_names, heatmaps=heatmaps,
-                              reports=dataset.has_reports,
-                              members=[args.member] if args.member else None,
-                              progress=True).values()
+    result = evaluate_towers(args.towers, sources["query"], sources["gallery"],
+                             class_names=dataset.class_names, heatmaps=heatmaps,
+                             reports=dataset.has_reports, members=[member],
+                             progress=True)[member]
     result = {"dataset": dataset.name, "query_split": args.query_split,
               "gallery_split": args.gallery_split, "num_queries": len(sources["query"]),
               "num_gallery": len(sources["gallery"]), "towers": os.path.abspath(args.towers),

@@ -6,8 +6,9 @@
 The runs of an ablation differ only in what the image tower's extra channels hold
 (``model.vision.fill``), the weight of the hybrid loss (``train.clip_weight``) and the seed
 (``train.seed``: initial parameters, dropout and batch order).  Their parameters have the same
-shapes, so their train steps stack along a leading "member" axis and ``jax.vmap`` turns M small
-steps into one program with M-times-wider batched matrix products, compiled once.  Each member
+shapes, so their states stack along a leading "member" axis and one compiled step serves them
+all: ``jax.vmap``ped over blocks of ``train.member_chunk`` members (`Chunks`; one block of all M
+gives M-times-wider batched products, blocks of 1 are fastest on CPU).  Each member
 reads the batches its seed would read alone, so member m of a population ends where a run of its
 config alone ends (up to float reassociation in the batched products; `tests/test_population.py`).
 

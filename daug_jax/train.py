@@ -397,19 +397,13 @@ def load_towers(workdir: str, member: str | None = None
     ``model.apply(variables, images, method=TwoTower.encode_image)``.  member: which member of a
     population (`train_population`) to read, by name; config is then that member's config.
     """
+    name = pick_member(saved_configs(workdir), member, workdir)
     model, stacked, tokenizer, configs = load_population(workdir)
-    names = list(configs)
-    if member is None and len(names) > 1:
-        raise ValueError(f"{workdir} holds {len(names)} towers; name one of {names}")
-    if member is not None and member not in names:
-        raise ValueError(f"{workdir} has no member {member!r}; its members: {names}")
-    index = 0 if member is None else names.index(member)
-    return model, population.take(stacked, index), tokenizer, configs[names[index]]
+    return model, population.take(stacked, list(configs).index(name)), tokenizer, configs[name]
 
 
-def load_population(workdir: str) -> tuple[TwoTower, dict, Any, dict]:
-    """Every member of a run's latest checkpoint, restored once: (model, variables with every
-    leaf [M, ...], tokenizer, {member name: its config}) — members share the model's shape."""
+def saved_configs(workdir: str) -> dict[str, ml_collections.ConfigDict]:
+    """{member name: its config} of the run in ``workdir``, from its saved files alone."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trained towers in {workdir} (missing {path})")
@@ -417,7 +411,25 @@ def load_population(workdir: str) -> tuple[TwoTower, dict, Any, dict]:
         config = ml_collections.ConfigDict(json.load(f))
     members = population.resolve(config, files.read_json(os.path.join(workdir, "members.json"),
                                                          None))
-    configs = {m["name"]: population.member_config(config, m) for m in members}
+    return {m["name"]: population.member_config(config, m) for m in members}
+
+
+def pick_member(configs: dict, member: str | None, workdir: str) -> str:
+    """The member name ``member`` names (None: the only member), or a ValueError saying which
+    names there are."""
+    names = list(configs)
+    if member is None and len(names) > 1:
+        raise ValueError(f"{workdir} holds {len(names)} towers; name one of {names}")
+    if member is not None and member not in names:
+        raise ValueError(f"{workdir} has no member {member!r}; its members: {names}")
+    return names[0] if member is None else member
+
+
+def load_population(workdir: str) -> tuple[TwoTower, dict, Any, dict]:
+    """Every member of a run's latest checkpoint, restored once: (model, variables with every
+    leaf [M, ...], tokenizer, {member name: its config}) — members share the model's shape."""
+    configs = saved_configs(workdir)
+    config = next(iter(configs.values()))  # the shape every member shares
     from transformers import AutoTokenizer
 
     tok_dir = config.model.text.get("path") or os.path.join(workdir, "tokenizer")
@@ -441,7 +453,7 @@ def load_population(workdir: str) -> tuple[TwoTower, dict, Any, dict]:
         params = variables["params"]
         one = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
-        return population.stack([one] * len(members))
+        return population.stack([one] * len(configs))
 
     replicated = parallel.replicated(parallel.make_mesh())
     template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
