@@ -1,10 +1,13 @@
 """``daug-jax bench``: how close the train steps come to the machine's dense-matmul speed.
 
     daug-jax bench [--quick] [--batch 32] [--size 32] [--out runs/bench/bench.json]
+    daug-jax bench --peer torch            # each part beside the same computation in PyTorch
+    daug-jax bench --profile gpu [--tiny]  # the paper's sizes in bfloat16 (--tiny: CPU smoke run)
 
 Measures, in one run on the default device(s):
-  * the achievable dense-matmul rate: an n x n float32 matmul (n = 2048), 2 n^3 FLOPs / median time;
-  * the epsilon-UNet train step and the two-tower train step, compiled exactly as training
+  * the achievable dense-matmul rate: an n x n matmul (float32, n = 2048; the gpu profile:
+    bfloat16, n = 8192), 2 n^3 FLOPs / median time;
+  * the epsilon-UNet, classifier and two-tower train steps, compiled exactly as training
     compiles them (replicated state, batch split on the "data" mesh axis, state donated): FLOPs
     from XLA's cost analysis of the compiled step / median wall time after warm-up, the ratio to
     the matmul rate, and images/s;
@@ -14,6 +17,9 @@ Measures, in one run on the default device(s):
     same steps fed from arrays already in memory (steps/s and their ratio);
   * peak host RSS, device memory statistics where the backend reports them, device kind and
     count, JAX version.
+  * with ``--peer torch``: the UNet, classifier and two-tower steps and the translation beside
+    their PyTorch ports (`daug_jax.bench_peer`, ``peers/``), with parameter and FLOP counts.
+Sizes come from a profile (``experiments/bench.py``), flags override them.
 Every time is the median of ``--repeats`` calls after warm-up, each ended by ``block_until_ready``.
 Results go to ``--out`` (JSON, written to a temporary name and renamed) and to stdout.
 
@@ -43,7 +49,7 @@ from daug_jax.data.pipeline import ArraySource
 from daug_jax.losses import labels_and_mask
 from daug_jax.files import write_json
 
-PARTS = ("matmul", "unet", "towers", "heatmaps", "input")
+PARTS = ("matmul", "unet", "classifier", "towers", "heatmaps", "input")
 
 
 # ----------------------------------------------------------------------------- step builders
@@ -99,6 +105,13 @@ def towers_step(config: Any, data: dict, workdir: str, *,
     data: records like `synthetic.generate` output; workdir: where the learnt tokenizer is saved
     (and reloaded from, if there).  ``init_config`` as in `unet_step`.
     """
+    return towers_parts(config, data, workdir, init_config=init_config)[:3]
+
+
+def towers_parts(config: Any, data: dict, workdir: str, *,
+                 init_config: Any | None = None) -> tuple[Callable, Callable, ArraySource, tuple, int]:
+    """`towers_step`'s three parts plus what a peer needs to build the same step: the class
+    prompts' tokens ``(ids, mask)`` [K, L] and the vocabulary size."""
     from daug_jax import tower_inputs
     from daug_jax import train as ttrain
     from daug_jax.models import text as text_lib
@@ -130,7 +143,8 @@ def towers_step(config: Any, data: dict, workdir: str, *,
         return ttrain.create_state(init_model, tx, init_key, example, class_tokens, init_config,
                                    mesh)
 
-    return step_fn, init_state, ArraySource(arrays)
+    class_arrays = tuple(np.asarray(a) for a in class_tokens)
+    return step_fn, init_state, ArraySource(arrays), class_arrays, len(tokenizer)
 
 
 def compile_step(step_fn: Callable, state: Any, batch: dict, mesh) -> Any:
@@ -153,6 +167,42 @@ def xla_flops(compiled: Any) -> float:
     return flops
 
 
+def matmul_flops(fn: Callable, *args) -> float:
+    """FLOPs of the matrix products and convolutions in ``fn(*args)``'s program: 2 x the
+    multiply-adds of every ``dot_general`` and ``conv_general_dilated`` in its jaxpr, loops
+    counted once per trip.  The count a peer framework's FLOP counter makes (PyTorch's
+    `FlopCounterMode` counts the same operations), unlike XLA's cost analysis, which also
+    counts elementwise work.
+    """
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            (lhs_contract, _), (lhs_batch, _) = params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contracted = np.prod([lhs[d] for d in lhs_contract], dtype=np.float64)
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape, dtype=np.float64) * contracted
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            spec = params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+            per_output = rhs[spec[1]] * np.prod([rhs[d] for d in spec[2:]], dtype=np.float64)
+            # The input gradient of a strided convolution is a convolution of the cotangent
+            # dilated by the stride: only 1 / prod(dilation) of its taps meet non-zero inputs.
+            per_output /= np.prod(params["lhs_dilation"], dtype=np.float64)
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape, dtype=np.float64) * per_output
+        trips = params.get("length", 1) if name == "scan" else 1
+        for value in params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += trips * _jaxpr_flops(inner)
+    return total
+
+
 def median_time(call: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     """Median wall seconds of ``call()`` (its result blocked on) after ``warmup`` calls."""
     for _ in range(warmup):
@@ -165,35 +215,49 @@ def median_time(call: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple
     return statistics.median(times), times
 
 
-def matmul_program(n: int) -> tuple[Callable[[], Any], float, float]:
-    """``(call, flops, xla_flops)``: one n x n float32 matmul (2 n^3 FLOPs) on fixed operands."""
+def matmul_program(n: int, dtype: str = "float32") -> tuple[Callable[[], Any], float, float]:
+    """``(call, flops, xla_flops)``: one n x n matmul (2 n^3 FLOPs) on fixed operands of ``dtype``
+    (float32; bfloat16, the accelerators' rate the paper-scale steps are compared with)."""
     ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.float32)
-    b = jax.random.normal(kb, (n, n), jnp.float32)
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
     compiled = jax.jit(jnp.matmul).lower(a, b).compile()
     return (lambda: compiled(a, b)), 2.0 * n ** 3, xla_flops(compiled)
 
 
-def bench_matmul(matmul: tuple[Callable[[], Any], float, float], n: int, repeats: int) -> dict:
-    """The dense float32 matmul rate: ``2 n^3`` FLOPs over the median time."""
+def bench_matmul(matmul: tuple[Callable[[], Any], float, float], n: int, repeats: int,
+                 dtype: str = "float32") -> dict:
+    """The dense matmul rate: ``2 n^3`` FLOPs over the median time."""
     call, flops, xla = matmul
     median, times = median_time(call, repeats)
-    return {"n": n, "dtype": "float32", "flops": flops, "xla_flops": xla,
+    return {"n": n, "dtype": dtype, "flops": flops, "xla_flops": xla,
             "median_s": median, "times_s": times, "flops_per_s": flops / median}
 
 
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
 def bench_step(step_fn: Callable, init_state: Callable, source: ArraySource, batch_size: int,
-               repeats: int, mesh, matmul: tuple | None = None) -> dict:
+               repeats: int, mesh, matmul: tuple | None = None,
+               peer: Callable[[], Any] | None = None) -> dict:
     """Achieved FLOP/s and images/s of a train step; the state is threaded through the calls.
 
     matmul: `matmul_program` output, the reference matmul, timed right before every step call so
     that each ratio compares two timings taken under the same machine load (a shared machine
     drifts between a run's parts); the reported ratio is the median of these paired ratios.
+    peer: builds the peer framework's same step (a `peers.PeerStep`), timed against this one in
+    back-to-back pairs (`bench_peer.compare`) into ``out["peer"]``.
     """
+    from daug_jax import bench_peer
     from daug_jax.data.pipeline import read
 
     batch = parallel.shard_batch(read(source, range(batch_size)), mesh)
     state = init_state(mesh)
+    if peer is not None:  # before the first call: the step donates the state it is given
+        jax_flops = matmul_flops(step_fn, _abstract(state), _abstract(batch))
+        jax_params = bench_peer.param_count(
+            state["params"] if isinstance(state, dict) else state.params)
     start = time.perf_counter()
     compiled = compile_step(step_fn, state, batch, mesh)
     compile_s = time.perf_counter() - start
@@ -224,32 +288,61 @@ def bench_step(step_fn: Callable, init_state: Callable, source: ArraySource, bat
     if ratios:
         out["ratio_to_matmul"] = statistics.median(ratios)
         out["ratios_to_matmul"] = ratios
+    if peer is not None:
+        out["peer"] = bench_peer.compare(call, peer(), jax_flops=jax_flops,
+                                         jax_params=jax_params, repeats=repeats)
     return out
 
 
 def bench_heatmaps(config: Any, size: int, batch: int, *, targets: str, level: int,
-                   num_steps: int, scale: float, repeats: int) -> dict:
-    """The guided-translation program compiled whole vs dispatched step by step from Python."""
+                   num_steps: int, scale: float, repeats: int,
+                   peer: Callable[..., Any] | None = None) -> dict:
+    """The guided-translation program compiled whole vs dispatched step by step from Python.
+
+    FLOPs of the compiled program: XLA's cost analysis (``xla_flops``; a rolled loop's body may
+    be counted once) and the matmuls and convolutions of its jaxpr, loops counted per trip
+    (``matmul_flops``).  peer: ``peer(x, num_classes, index, direction, grid, scale, blur)`` builds the peer
+    framework's same translation (`peers.PeerStep`), timed against the compiled program.
+    """
+    from daug_jax import bench_peer
     from daug_jax.data import synthetic
-    from daug_jax.heatmaps import init_models, make_heatmap_fn, to_model_space, translate_python_loop
+    from daug_jax.heatmaps import (blur_matrix, init_models, make_heatmap_fn, to_model_space,
+                                   translate_python_loop)
 
     models = init_models(config, (size, size, 1), synthetic.CLASS_NAMES, jax.random.key(0))
-    heatmap_fn = make_heatmap_fn(models.eps_fn, models.logit_fn, models.alpha_bar, targets,
-                                 models.class_names, level=level, num_steps=num_steps,
-                                 scale=scale, smooth_sigma=1.0, image_shape=models.image_shape)
+    smooth = 1.0
+    f = make_heatmap_fn(models.eps_fn, models.logit_fn, models.alpha_bar, targets,
+                        models.class_names, level=level, num_steps=num_steps, scale=scale,
+                        smooth_sigma=smooth, image_shape=models.image_shape)
     x = to_model_space(np.random.default_rng(0).uniform(size=(batch, size, size, 1)))
-    work = batch * len(heatmap_fn.targets)
-    out = {"batch": batch, "image_size": size, "targets": len(heatmap_fn.targets),
-           "level": level, "ddim_steps_each_way": num_steps}
-    for name, call in (("compiled", lambda: heatmap_fn(x)),
-                       ("python_loop", lambda: translate_python_loop(heatmap_fn, x))):
+    start = time.perf_counter()
+    compiled = f.program.lower(f.eps_fn, f.logit_fn, x).compile()
+    compile_s = time.perf_counter() - start
+    work = batch * len(f.targets)
+    flops = {"xla_flops": xla_flops(compiled),
+             "matmul_flops": matmul_flops(f.program, f.eps_fn, f.logit_fn, x)}
+    out = {"batch": batch, "image_size": size, "targets": len(f.targets), "level": level,
+           "ddim_steps_each_way": num_steps, "compile_s": compile_s, **flops}
+    calls = {"compiled": lambda: compiled(f.eps_fn, f.logit_fn, x),
+             "python_loop": lambda: translate_python_loop(f, x)}
+    for name, call in calls.items():
         start = time.perf_counter()
-        jax.block_until_ready(call())  # compiles: the whole program / each network call
+        jax.block_until_ready(call())  # the loop compiles each network call here
         first = time.perf_counter() - start
         median, times = median_time(call, repeats, warmup=0)
         out[name] = {"first_call_s": first, "median_s": median, "times_s": times,
                      "images_classes_per_s": work / median}
     out["speedup"] = out["python_loop"]["median_s"] / out["compiled"]["median_s"]
+    for key in ("xla_flops", "matmul_flops"):
+        out["compiled"][key.replace("flops", "flops_per_s")] = flops[key] / out["compiled"]["median_s"]
+    if peer is not None:
+        index = [t.index for t in f.targets]
+        direction = [t.direction for t in f.targets]
+        step = peer(x, len(models.class_names), index, direction, f.grid, f.scale,
+                    blur_matrix(size, smooth))
+        out["peer"] = bench_peer.compare(
+            calls["compiled"], step, jax_flops=flops["matmul_flops"],
+            jax_params=bench_peer.param_count((f.eps_fn, f.logit_fn)), repeats=repeats)
     return out
 
 
@@ -324,6 +417,7 @@ def memory_stats() -> dict:
 
 # ----------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace) -> dict:
+    from daug_jax import bench_peer
     from daug_jax.data import synthetic
 
     mesh = parallel.make_mesh()
@@ -334,24 +428,38 @@ def run(args: argparse.Namespace) -> dict:
                    "jax": jax.__version__, "host_cpus": os.cpu_count()},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
+    peer = bench_peer.load(args.peer) if args.peer else None
+    if peer is not None:
+        result["peer"] = peer.info()
     dcfg = load_config(args.diffusion_config, args.diffusion_set)
     tcfg = load_config(args.towers_config, args.towers_set)
     parts = [p for p in PARTS if p in args.parts]
     rng = np.random.default_rng(0)
-    matmul = matmul_program(args.matmul_n) if "matmul" in parts else None
+    images = rng.uniform(size=(args.batch, args.size, args.size, 1)).astype(np.float32)
+    matmul = matmul_program(args.matmul_n, args.matmul_dtype) if "matmul" in parts else None
     for part in tqdm(parts, desc="bench", unit="part"):
         if part == "matmul":
-            result["matmul"] = bench_matmul(matmul, args.matmul_n, args.repeats)
+            result["matmul"] = bench_matmul(matmul, args.matmul_n, args.repeats, args.matmul_dtype)
         elif part == "unet":
-            images = rng.uniform(size=(args.batch, args.size, args.size, 1)).astype(np.float32)
+            build = peer and (lambda: peer.diffusion.unet_step(dcfg, images, peer.device))
             result["unet_train_step"] = bench_step(*unet_step(dcfg, images), args.batch,
-                                                   args.repeats, mesh, matmul)
+                                                   args.repeats, mesh, matmul, peer=build)
+        elif part == "classifier":
+            raw = synthetic.generate(args.batch, image_size=args.size, seed=0)["labels"]
+            build = peer and (lambda: peer.diffusion.classifier_step(
+                dcfg, images, *labels_and_mask(np.asarray(raw, np.float32)), peer.device))
+            result["classifier_train_step"] = bench_step(
+                *unet_step(dcfg, images, classifier_labels=raw), args.batch, args.repeats, mesh,
+                matmul, peer=build)
         elif part == "towers":
             tcfg.train.batch_size = args.batch
             data = synthetic.generate(args.batch, image_size=args.size, seed=0)
             with tempfile.TemporaryDirectory() as workdir:
-                result["towers_train_step"] = bench_step(*towers_step(tcfg, data, workdir),
-                                                         args.batch, args.repeats, mesh, matmul)
+                step_fn, init_state, source, class_tokens, vocab = towers_parts(tcfg, data, workdir)
+                build = peer and (lambda: peer.towers.towers_step(
+                    tcfg, source.arrays, class_tokens, vocab))
+                result["towers_train_step"] = bench_step(step_fn, init_state, source, args.batch,
+                                                         args.repeats, mesh, matmul, peer=build)
         elif part == "input":
             tcfg.data.update(image_size=args.input_size, data_dir=args.data_dir,
                              num_train=max(64 if args.quick else 2048,
@@ -359,26 +467,45 @@ def run(args: argparse.Namespace) -> dict:
             result["input"] = bench_input(tcfg, tcfg.data, args.batch, args.input_steps,
                                           args.repeats, mesh)
         else:
+            build = peer and (lambda *a: peer.diffusion.translation(dcfg, *a, peer.device))
             result["heatmaps"] = bench_heatmaps(
                 dcfg, args.size, args.heatmap_batch, targets=args.targets, level=args.level,
-                num_steps=args.ddim_steps, scale=3.0, repeats=args.repeats)
+                num_steps=args.ddim_steps, scale=3.0, repeats=args.repeats, peer=build)
+    if "matmul" in result and "heatmaps" in result:
+        compiled = result["heatmaps"]["compiled"]
+        compiled["ratio_to_matmul"] = compiled["xla_flops_per_s"] / result["matmul"]["flops_per_s"]
+    if peer is not None:
+        result["peer"]["ratios"] = {key: result[key]["peer"]["ratio"] for key in PEER_KEYS
+                                    if "peer" in result.get(key, {})}
     result["memory"] = memory_stats()
     return result
 
 
+STEP_NAMES = {"unet_train_step": "UNet train step", "classifier_train_step": "classifier step",
+              "towers_train_step": "two-tower step"}
+PEER_KEYS = (*STEP_NAMES, "heatmaps")
+
+
+def _rate(flops_per_s: float) -> str:
+    return (f"{flops_per_s / 1e12:9.2f} TFLOP/s" if flops_per_s >= 1e12
+            else f"{flops_per_s / 1e9:9.1f} GFLOP/s")
+
+
 def report(result: dict) -> str:
     """The human-readable summary printed after a run."""
+    from daug_jax import bench_peer
+
     d = result["device"]
     lines = [f"bench: {d['count']} x {d['kind']} ({d['platform']}), jax {d['jax']}"]
     if "matmul" in result:
         m = result["matmul"]
-        lines.append(f"  matmul {m['n']}^2 float32      {m['flops_per_s'] / 1e9:9.1f} GFLOP/s "
+        lines.append(f"  matmul {m['n']}^2 {m['dtype']:<10} {_rate(m['flops_per_s'])} "
                      f"({m['median_s'] * 1e3:.1f} ms)")
-    for key, name in (("unet_train_step", "UNet train step"), ("towers_train_step", "two-tower step")):
+    for key, name in STEP_NAMES.items():
         if key in result:
             s = result[key]
             ratio = f", {s['ratio_to_matmul']:.2f} x matmul" if "ratio_to_matmul" in s else ""
-            lines.append(f"  {name:<24} {s['flops_per_s'] / 1e9:9.1f} GFLOP/s{ratio}; "
+            lines.append(f"  {name:<24} {_rate(s['flops_per_s'])}{ratio}; "
                          f"{s['images_per_s']:.1f} images/s (batch {s['batch']}, "
                          f"{s['median_s'] * 1e3:.1f} ms/step, {s['flops_per_device'] / 1e9:.2f} "
                          f"GFLOP/step/device)")
@@ -387,13 +514,23 @@ def report(result: dict) -> str:
         for name in ("compiled", "python_loop"):
             lines.append(f"  heatmaps {name:<15} {h[name]['images_classes_per_s']:9.2f} "
                          f"images*classes/s")
-        lines.append(f"  heatmaps compiled / python loop: {h['speedup']:.2f}x")
+        c = h["compiled"]
+        ratio = f", {c['ratio_to_matmul']:.2f} x matmul" if "ratio_to_matmul" in c else ""
+        lines.append(f"  heatmaps compiled / python loop: {h['speedup']:.2f}x; compiled "
+                     f"{_rate(c['xla_flops_per_s']).strip()}{ratio}")
     if "input" in result:
         i = result["input"]
         lines.append(f"  input pipeline            {i['pipeline_steps_per_s']:9.2f} steps/s vs "
                      f"{i['in_memory_steps_per_s']:.2f} from arrays in memory = "
                      f"{i['ratio']:.2f}x (two-tower step, batch {i['batch']}, "
                      f"{i['image_size']} px, {i['dataset']})")
+    if "peer" in result:
+        p = result["peer"]
+        lines.append(f"  peer: {p['framework']} {p['version']} on {p['device']}, "
+                     f"{p['threads']} threads (median of back-to-back pairs)")
+        names = {**STEP_NAMES, "heatmaps": "heatmap translation"}
+        lines += [bench_peer.summary_line(names[k], result[k]["peer"]) for k in PEER_KEYS
+                  if "peer" in result.get(k, {})]
     mem = result["memory"]
     lines.append(f"  peak host RSS {mem['host_peak_rss_bytes'] / 2 ** 20:.0f} MiB"
                  + ("" if not mem["device"] else "; device peak " + ", ".join(
@@ -402,54 +539,56 @@ def report(result: dict) -> str:
 
 
 def main(command: str, argv: list[str]) -> int:
+    from experiments.bench import get_profile
+
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"),
+                        help="sizes (experiments/bench.py): cpu = the demo's, gpu = the paper's")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the gpu profile's program shapes at tiny sizes (a CPU smoke run)")
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes and few repeats (a smoke run, not a measurement)")
-    parser.add_argument("--batch", type=int, default=None, help="train-step batch (default 32)")
-    parser.add_argument("--size", type=int, default=None, help="image size (default 32)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 10)")
-    parser.add_argument("--matmul-n", type=int, default=None, help="matmul size (default 2048)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+                        help="cpu profile, small sizes and few repeats (a smoke run, not a measurement)")
+    parser.add_argument("--peer", default=None, choices=("torch",),
+                        help="time each part beside the same computation in PyTorch "
+                             "(peers/; the optional extra .[peer])")
+    parser.add_argument("--batch", type=int, default=None, help="train-step batch")
+    parser.add_argument("--size", type=int, default=None, help="image size")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls")
+    parser.add_argument("--matmul-n", type=int, default=None, help="matmul size")
+    parser.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"))
+    parser.add_argument("--parts", default=None, help=f"subset of {','.join(PARTS)}")
     parser.add_argument("--diffusion-config", default="diffusion")
     parser.add_argument("--diffusion-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override of the UNet/classifier config, e.g. unet.ch=64")
     parser.add_argument("--towers-config", default="towers")
     parser.add_argument("--towers-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--targets", default="Pleural Effusion,No Finding")
-    parser.add_argument("--level", type=int, default=None, help="heatmap encode level (500)")
-    parser.add_argument("--ddim-steps", type=int, default=None, help="DDIM moves each way (10)")
-    parser.add_argument("--heatmap-batch", type=int, default=None, help="heatmap batch (8)")
+    parser.add_argument("--level", type=int, default=None, help="heatmap encode level")
+    parser.add_argument("--ddim-steps", type=int, default=None, help="DDIM moves each way")
+    parser.add_argument("--heatmap-batch", type=int, default=None, help="heatmap batch")
     parser.add_argument("--input-size", type=int, default=None,
-                        help="image size of the input-pipeline part (default 64)")
+                        help="image size of the input-pipeline part")
     parser.add_argument("--input-steps", type=int, default=None,
-                        help="steps per timed run of the input-pipeline part (default 30)")
+                        help="steps per timed run of the input-pipeline part")
     parser.add_argument("--data-dir", default=os.path.join("runs", "tfds"),
                         help="where the input part's synthetic_cxr dataset is (built if missing)")
     parser.add_argument("--out", default=os.path.join("runs", "bench", "bench.json"))
     args = parser.parse_args(argv)
+    try:
+        profile = get_profile(args.profile, tiny=args.tiny, quick=args.quick)
+    except ValueError as e:
+        parser.error(str(e))
+    for key, value in profile["settings"].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.diffusion_set = profile["diffusion_set"] + args.diffusion_set
+    args.towers_set = profile["towers_set"] + args.towers_set
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
         parser.error(f"unknown --parts {unknown}; valid: {list(PARTS)}")
-    defaults = dict(batch=32, size=32, repeats=10, matmul_n=2048, level=500, ddim_steps=10,
-                    heatmap_batch=8, input_size=64, input_steps=30)
-    if args.quick:
-        defaults.update(batch=4, size=32, repeats=2, matmul_n=256, level=100, ddim_steps=2,
-                        heatmap_batch=2, input_size=32, input_steps=3)
-        # Tiny models: the smoke run checks the plumbing, not the speed of the real sizes.
-        args.diffusion_set = ["unet.ch=8", "unet.channel_mult=(1,)", "unet.norm_groups=4",
-                              "classifier.ch=8", "classifier.channel_mult=(1,)",
-                              "classifier.norm_groups=4"] + args.diffusion_set
-        args.towers_set = [
-            "model.vision.resnet={'stage_sizes': (1,), 'widths': (8,), 'stem_width': 8}",
-            "model.text.vocab_size=200", "model.text.hidden_size=16", "model.text.num_layers=1",
-            "model.text.intermediate_size=32", "model.text.max_length=48",
-            "model.embed_dim=16"] + args.towers_set
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     for key in ("batch", "size", "repeats", "matmul_n", "ddim_steps", "heatmap_batch",
                 "input_size", "input_steps"):
-        if getattr(args, key) < 1:
+        if getattr(args, key, 1) < 1:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     args.parts = args.parts.split(",")
     parallel.maybe_initialize_distributed()

@@ -7,7 +7,7 @@ import math
 
 import _subproc
 
-STEPS = ("unet_train_step", "towers_train_step")
+STEPS = ("unet_train_step", "classifier_train_step", "towers_train_step")
 
 
 def _positive(value) -> bool:
@@ -44,6 +44,13 @@ def test_quick_bench_writes_every_measurement(tmp_path_factory):
     for name in ("compiled", "python_loop"):
         assert _positive(h[name]["images_classes_per_s"]) and _positive(h[name]["median_s"])
     assert _positive(h["speedup"])
+    for key in ("xla_flops", "matmul_flops", "compile_s"):
+        assert _positive(h[key]), key
+    # Cost analysis counts elementwise work too; both count the same unrolled loops on CPU.
+    assert h["matmul_flops"] <= h["xla_flops"]
+    assert math.isclose(h["compiled"]["xla_flops_per_s"] * h["compiled"]["median_s"],
+                        h["xla_flops"], rel_tol=1e-9)
+    assert "peer" not in result and "peer" not in h  # only with --peer
     i = result["input"]
     assert i["dataset"] == "synthetic_cxr" and i["batch"] == 4 and i["steps"] == 3
     assert _positive(i["pipeline_steps_per_s"]) and _positive(i["in_memory_steps_per_s"])
@@ -53,3 +60,27 @@ def test_quick_bench_writes_every_measurement(tmp_path_factory):
     # The printed summary carries the same numbers.
     assert "UNet train step" in printed and "two-tower step" in printed
     assert f"{result['unet_train_step']['flops_per_s'] / 1e9:.1f} GFLOP/s" in printed
+
+
+def test_gpu_profile_tiny_runs_the_paper_program_shapes(tmp_path_factory):
+    """``--profile gpu --tiny``: bfloat16 matmul and networks with attention and 2 ResBlocks per
+    level, the translation compiled and looped, FLOP rates against the matmul's."""
+    cache = str(tmp_path_factory.getbasetemp() / "jax-cache")
+    out = tmp_path_factory.mktemp("bench_gpu") / "bench.json"
+    printed = _subproc.run(_subproc.CLI + ["bench", "--profile", "gpu", "--tiny", "--out",
+                                           str(out)],
+                           _subproc.jax_env(cache), str(out) + ".log", timeout=300)
+    result = json.loads(out.read_text())
+    settings = result["settings"]
+    assert settings["profile"] == "gpu" and settings["tiny"] and settings["parts"] == [
+        "matmul", "unet", "heatmaps"]
+    assert "unet.dtype=bfloat16" in settings["diffusion_set"]
+    assert "unet.attention_resolutions=(16,)" in settings["diffusion_set"]
+    m = result["matmul"]
+    assert m["dtype"] == "bfloat16" and abs(m["xla_flops"] - m["flops"]) <= 0.01 * m["flops"]
+    s = result["unet_train_step"]
+    assert s["batch"] == 2 and _positive(s["ratio_to_matmul"]) and math.isfinite(s["loss"])
+    h = result["heatmaps"]
+    assert h["ddim_steps_each_way"] == 2 and h["targets"] == 2 and h["batch"] == 2
+    assert _positive(h["compiled"]["ratio_to_matmul"]) and _positive(h["speedup"])
+    assert "heatmaps compiled / python loop" in printed and "bfloat16" in printed
