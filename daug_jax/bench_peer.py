@@ -3,10 +3,11 @@ another framework, timed in the same run on the same threads.
 
 The peer's code lives outside the library, in the top-level ``peers`` package (this module
 imports it only when asked; the library never imports torch itself).  A pair is timed as
-back-to-back calls, daug-jax then peer, ``repeats`` times after one warm-up call of each: both
-see the same machine load, and the reported ratio peer_time / jax_time (> 1: daug-jax is
-faster) is the median of the per-pair ratios.  Each pair also carries the evidence that the two
-programs are the same computation: parameter counts and matmul + convolution FLOPs of both.
+back-to-back calls, daug-jax then peer, ``repeats`` times after one warm-up call of each, with a
+short pause before each call (`SETTLE_S`): both see the same machine load, and the reported
+ratio peer_time / jax_time (> 1: daug-jax is faster) is the median of the per-pair ratios.
+Each pair also carries the evidence that the two programs are the same computation: parameter
+counts and matmul + convolution FLOPs of both.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import jax
 import numpy as np
 
 PEERS = ("torch",)
+# Idle time before each timed call.  After a parallel region, OpenMP (PyTorch) and Eigen (XLA)
+# worker threads keep spinning for a while; without a pause those spinning threads take the
+# cores from whichever framework runs next (measured: daug-jax's two-tower step timed 226 ms
+# right after torch calls against 175 ms alone).
+SETTLE_S = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +85,11 @@ def compare(jax_call: Callable[[], Any], peer_step: Any, *, jax_flops: float, ja
     peer_step.call()
     jax_times, peer_times = [], []
     for _ in range(repeats):
+        time.sleep(SETTLE_S)
         start = time.perf_counter()
         jax.block_until_ready(jax_call())
         jax_times.append(time.perf_counter() - start)
+        time.sleep(SETTLE_S)
         start = time.perf_counter()
         peer_step.call()
         peer_times.append(time.perf_counter() - start)

@@ -93,9 +93,12 @@ def get_config() -> ml_collections.ConfigDict:
         skip_nonfinite=False,  # non-finite loss or gradient: stop with an error, or skip the step
         log_every=10,
         seed=0,
-        # RBG keys compile several times faster than threefry on CPU; both are deterministic on
-        # a fixed set of devices, which is what exact resume needs.
-        prng_impl="rbg",
+        # Threefry: the dropout masks' random bits are the towers' largest non-matrix cost on
+        # CPU (RBG bits took 41 % of the two-tower step in a profile) and threefry draws them
+        # faster: step / matmul 0.255 and 0.231 against RBG's 0.216 and 0.224 (`daug-jax bench
+        # --parts matmul,towers`, alternating runs), for ~10 % more compile time.  Populations
+        # need threefry too, so a run alone and the same run in a population draw alike.
+        prng_impl="threefry2x32",
         # Populations of runs (an ablation, `train_population`): members per vmapped block.
         # 1 on CPU (a wide vmap of convolutions is slow there, measured); 0 = all members in
         # one vmap, for accelerators.

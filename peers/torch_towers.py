@@ -249,7 +249,7 @@ def towers_step(config: Any, arrays: dict[str, np.ndarray],
                             dtype=torch.float32)                               # [B, C, H, W]
     if image.shape[1] != int(vcfg.in_channels):
         raise ValueError(f"image tower expects {vcfg.in_channels} channels, got {image.shape[1]}")
-    ids, mask, class_ids, class_mask = (torch.as_tensor(np.asarray(a), dtype=torch.long) for a in (
+    ids, mask, class_ids, class_mask = (torch.tensor(np.asarray(a), dtype=torch.long) for a in (
         arrays["input_ids"], arrays["attention_mask"], *class_tokens))
     labels, label_mask = (torch.as_tensor(np.asarray(arrays[k], np.float32))
                           for k in ("labels", "label_mask"))
