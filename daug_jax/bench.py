@@ -78,9 +78,7 @@ def unet_step(config: Any, images: np.ndarray, *, classifier_labels: np.ndarray 
     # implementations, how it is split across devices) is part of what is measured and tested.
     alpha_bar, key = dtrain.alpha_bar_of(config), dtrain.prng_key(key_seed)
     if classifier:
-        max_level = config.classifier.max_level
-        max_level = config.diffusion.num_steps - 1 if max_level is None else int(max_level)
-        step_fn = dtrain.classifier_step_fn(module, tx, alpha_bar, max_level)
+        step_fn = dtrain.classifier_step_fn(module, tx, alpha_bar, dtrain.trained_max_level(config))
         labels, mask = labels_and_mask(np.asarray(classifier_labels, np.float32))
         source = ArraySource({"image": images, "labels": labels, "label_mask": mask})
     else:
@@ -313,7 +311,8 @@ def bench_heatmaps(config: Any, size: int, batch: int, *, targets: str, level: i
     smooth = 1.0
     f = make_heatmap_fn(models.eps_fn, models.logit_fn, models.alpha_bar, targets,
                         models.class_names, level=level, num_steps=num_steps, scale=scale,
-                        smooth_sigma=smooth, image_shape=models.image_shape)
+                        smooth_sigma=smooth, image_shape=models.image_shape,
+                        max_level=models.max_level)
     x = to_model_space(np.random.default_rng(0).uniform(size=(batch, size, size, 1)))
     start = time.perf_counter()
     compiled = f.program.lower(f.eps_fn, f.logit_fn, x).compile()

@@ -76,7 +76,8 @@ def make_heatmaps(config: Any, out: str, splits: dict[str, dict], scale: float) 
     models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
     heatmap_fn = make_heatmap_fn(models.eps_fn, models.logit_fn, models.alpha_bar, h.targets,
                                  models.class_names, image_shape=models.image_shape,
-                                 scale=scale, **_translation_settings(config))
+                                 scale=scale, max_level=models.max_level,
+                                 **_translation_settings(config))
     train_source = ArraySource({k: splits["train"][k] for k in ("id", "image")})
     calibration = calibrate(heatmap_fn, train_source, directory,
                             num_images=h.calibration.num_images,

@@ -295,7 +295,7 @@ def _write_all(args: argparse.Namespace, process: tuple[int, int]) -> int:
     heatmap_fn = make_heatmap_fn(
         models.eps_fn, models.logit_fn, models.alpha_bar, args.targets or h.targets,
         models.class_names, level=h.level, num_steps=h.num_steps, scale=h.scale,
-        smooth_sigma=h.smooth_sigma, image_shape=models.image_shape)
+        smooth_sigma=h.smooth_sigma, image_shape=models.image_shape, max_level=models.max_level)
     dataset = registry.open_dataset(config.data, image_size=models.image_shape[0])
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     sources = {s: dataset.source(s) for s in splits}

@@ -243,15 +243,18 @@ class HeatmapFn:
 def make_heatmap_fn(eps_fn: Callable, logit_fn: Callable, alpha_bar: Any,
                     targets: str | Sequence[str], class_names: Sequence[str], *, level: int,
                     num_steps: int, scale: float, smooth_sigma: float = 0.0,
-                    image_shape: Sequence[int] | None = None, reference: str = "x0") -> HeatmapFn:
+                    image_shape: Sequence[int] | None = None, reference: str = "x0",
+                    max_level: int | None = None) -> HeatmapFn:
     """Builds the compiled heatmap function (see `HeatmapFn`).
 
     eps_fn(x, t) / logit_fn(x, t): model closures (`module_fn` keeps parameters out of the
     compiled constants); alpha_bar: [T]; level: encode level L; num_steps: DDIM moves each way;
     scale: guidance scale; smooth_sigma: Gaussian sigma in pixels (0: none); image_shape: (H, W, C)
-    the diffusion model was trained on, checked on every call; reference: see `REFERENCES`.
+    the diffusion model was trained on, checked on every call; reference: see `REFERENCES`;
+    max_level: the classifier's highest trained level (`TranslationModels.max_level`), checked.
     """
     parsed = parse_targets(targets, class_names)
+    check_level(level, max_level)
     check_reference(reference)
     alpha_bar = np.asarray(alpha_bar, np.float64)
     grid = sampling.ddim_grid(len(alpha_bar), level, num_steps)
@@ -310,6 +313,17 @@ class TranslationModels:
     image_shape: tuple[int, ...]    # (H, W, C)
     class_names: tuple[str, ...]    # orders the classifier's logits
     config: Any                     # the diffusion model's config
+    max_level: int | None = None    # the classifier's highest trained level (None: untrained)
+
+
+def check_level(level: int, max_level: int | None) -> int:
+    """Rejects an encode level above the classifier's trained ``max_level``: its gradient
+    there comes from inputs it never saw, and the guidance would steer by noise."""
+    if max_level is not None and level > max_level:
+        raise ValueError(f"heatmap encode level L = {level} is above the classifier's trained "
+                         f"levels (classifier.max_level = {max_level}); use a level <= "
+                         f"{max_level} or train the classifier up to {level}")
+    return level
 
 
 def load_models(diffusion_dir: str, classifier_dir: str) -> TranslationModels:
@@ -331,7 +345,8 @@ def load_models(diffusion_dir: str, classifier_dir: str) -> TranslationModels:
                              f"({diffusion_dir}) vs {ccfg.diffusion[key]!r} ({classifier_dir})")
     alpha_bar = alphas_cumprod(dcfg.diffusion.schedule, dcfg.diffusion.num_steps)
     return TranslationModels(module_fn(unet, unet_params), module_fn(clf, clf_params), alpha_bar,
-                             tuple(dcfg.image_shape), tuple(ccfg.class_names), dcfg)
+                             tuple(dcfg.image_shape), tuple(ccfg.class_names), dcfg,
+                             train.trained_max_level(ccfg))
 
 
 def init_models(config: Any, image_shape: Sequence[int], class_names: Sequence[str],

@@ -136,9 +136,10 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
     {"translated": [M, H, W, 1], "heatmap": [M, H, W], "swapped": [M, H, W] or None}}},
     "unguided": {mode: [M, H, W]}}`` (numpy).
     """
-    from daug_jax.heatmaps import check_reference
+    from daug_jax.heatmaps import check_level, check_reference
 
     check_reference(reference)
+    check_level(level, models.max_level)
     grid = sampling.ddim_grid(len(models.alpha_bar), level, num_steps)
     unroll = sampling.default_unroll()
     encode = jax.jit(lambda eps_fn, x: sampling.ddim_encode(eps_fn, x, models.alpha_bar, grid,

@@ -43,7 +43,7 @@ from daug_jax.data.pipeline import train_batches
 from daug_jax.losses import hybrid_contrastive_loss
 from daug_jax.models import text as text_lib
 from daug_jax.models.two_tower import (  # noqa: F401  (assemble_images, bert_config: re-exported)
-    TwoTower, assemble_images, bert_config, build_two_tower, class_prompts)
+    TwoTower, assemble_images, bert_config, build_two_tower, clamp_logit_scale, class_prompts)
 from daug_jax.tower_inputs import (class_names_of, make_reader, make_tokenizer, open_heatmaps,
                                    report_corpus, tower_batch, uses_reports)
 
@@ -161,7 +161,8 @@ def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule:
         (loss, (parts, scalars, batch_stats)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = clamp_logit_scale(optax.apply_updates(state.params, updates),
+                                   model.max_logit_scale)
         grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss, **parts, **scalars, "grad_norm": grad_norm,
                    "lr": schedule(state.step)}

@@ -266,3 +266,20 @@ def test_channel_region_is_the_union_of_the_films_findings():
     only_left = channel["region"][channel["image"] == 1][0]
     np.testing.assert_array_equal(only_left, left)  # film 1's "Right" is uncertain
     np.testing.assert_array_equal(anomaly["region"][anomaly["image"] == 0][0], left)
+
+
+def test_level_above_the_classifier_s_trained_levels_is_rejected():
+    with pytest.raises(ValueError, match=r"L = 600 is above.*max_level = 500"):
+        make_heatmap_fn(zero_eps, linear_logits, ALPHA_BAR, "No Finding", CLASSES, level=600,
+                        num_steps=2, scale=1.0, max_level=500)
+    # At the trained level, and for models of unknown training (None), it builds.
+    make_heatmap_fn(zero_eps, linear_logits, ALPHA_BAR, "No Finding", CLASSES, level=500,
+                    num_steps=2, scale=1.0, max_level=500)
+    make_heatmap_fn(zero_eps, linear_logits, ALPHA_BAR, "No Finding", CLASSES, level=600,
+                    num_steps=2, scale=1.0)
+    models = TranslationModels(as_partial(zero_eps), as_partial(linear_logits), ALPHA_BAR,
+                               (H, W, 1), CLASSES, None, max_level=100)
+    with pytest.raises(ValueError, match=r"L = 300 is above.*max_level = 100"):
+        localization.translate_cases(models, np.zeros((1, H, W, 1), np.float32), {},
+                                     scales=[1.0], level=300, num_steps=2, smooth_sigma=0.0,
+                                     batch_size=1, data_classes=CLASSES)

@@ -124,3 +124,15 @@ def test_timestep_grid():
     for bad in [dict(num_sample_steps=0), dict(num_sample_steps=2000), dict(max_step=1000)]:
         with pytest.raises(ValueError):
             timestep_grid(**{"num_steps": 1000, "num_sample_steps": 10, **bad})
+
+
+@pytest.mark.parametrize("num_steps", [20, 10, 1])
+def test_linear_schedule_rejects_betas_of_one_or_more(num_steps):
+    # 20 / T >= 1: the last beta would wipe the signal out (alpha_bar <= 0).
+    with pytest.raises(ValueError, match=f"num_steps = {num_steps}.*>= 1.*num_steps >= 21"):
+        betas("linear", num_steps)
+
+
+def test_linear_schedule_just_above_the_limit_stays_positive():
+    ab = alphas_cumprod("linear", 21)
+    assert betas("linear", 21).max() == pytest.approx(20 / 21) and np.all(ab > 0)

@@ -14,7 +14,7 @@ from daug_jax import tower_inputs, train
 from daug_jax.config import load_config
 from daug_jax.data import synthetic
 from daug_jax.data.pipeline import ArraySource
-from daug_jax.models.two_tower import TwoTower, class_prompts, l2_normalize
+from daug_jax.models.two_tower import TwoTower, clamp_logit_scale, class_prompts, l2_normalize
 
 STEPS = 8
 
@@ -229,3 +229,32 @@ def test_scalar_parameters_start_and_clip_as_documented():
     params = {**params, "log_logit_scale": jnp.asarray(np.log(500.0), jnp.float32)}
     capped = model.apply({"params": params}, method=TwoTower.scalars)["logit_scale"]
     np.testing.assert_allclose(capped, 100.0, rtol=1e-5)
+
+
+def test_logit_scale_parameter_is_clamped_so_its_gradient_survives():
+    """CLIP clamps the stored log temperature itself: clipped only when read, a log above the
+    cap gets zero gradient and never comes back; clamped, it sits at the cap with a gradient."""
+    model = TwoTower(image_tower=None, text_tower=None)
+    params = model.init(jax.random.key(0, impl="rbg"), method=TwoTower.scalars)["params"]
+    above = {**params, "log_logit_scale": jnp.asarray(np.log(500.0), jnp.float32)}
+
+    def grad_at(p):
+        return jax.grad(lambda p: model.apply({"params": p}, method=TwoTower.scalars)
+                        ["logit_scale"])(p)["log_logit_scale"]
+
+    assert float(grad_at(above)) == 0.0  # the trap: stuck above the cap
+    clamped = clamp_logit_scale(above, model.max_logit_scale)
+    np.testing.assert_allclose(clamped["log_logit_scale"], np.log(100.0), rtol=1e-7)
+    assert float(grad_at(clamped)) > 0.0
+    below = clamp_logit_scale(params, model.max_logit_scale)
+    assert float(below["log_logit_scale"]) == float(params["log_logit_scale"])
+    assert all(below[k] is params[k] for k in params if k != "log_logit_scale")
+
+
+def test_train_step_clamps_the_stored_logit_scale(compile_once, data, tmp_path):
+    config = _config()
+    config.model.logit_scale_init = float(np.log(500.0))  # starts above CLIP's cap of 100
+    state, _ = train.train_towers(config, _src(data), str(tmp_path), until_step=1,
+                                  progress=False)
+    np.testing.assert_allclose(jax.device_get(state.params["log_logit_scale"]), np.log(100.0),
+                               rtol=1e-6)

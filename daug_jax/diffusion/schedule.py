@@ -31,6 +31,11 @@ def betas(schedule: str, num_steps: int) -> np.ndarray:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if schedule == "linear":
         scale = 1000.0 / num_steps
+        if scale * 0.02 >= 1.0:
+            # beta >= 1 wipes the signal out (alpha_bar reaches 0, then turns negative).
+            raise ValueError(f"linear schedule with num_steps = {num_steps}: its largest beta "
+                             f"would be 20 / {num_steps} = {scale * 0.02:.3g} >= 1; use "
+                             f"num_steps >= 21 or the cosine schedule")
         return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
     if schedule == "cosine":
         s = 0.008

@@ -192,6 +192,16 @@ def _programs(kind: str, spec: str, mesh) -> tuple[Any, Callable, Callable]:
     return module, init, step
 
 
+def trained_max_level(config: ml_collections.ConfigDict) -> int:
+    """The highest level the classifier of ``config`` is trained at: ``classifier.max_level``
+    (None: every level, T - 1), checked to lie in [0, T - 1]."""
+    num_steps, max_level = config.diffusion.num_steps, config.classifier.max_level
+    max_level = num_steps - 1 if max_level is None else int(max_level)
+    if not 0 <= max_level < num_steps:
+        raise ValueError(f"classifier.max_level={max_level} outside [0, {num_steps - 1}]")
+    return max_level
+
+
 def _spec(config: ml_collections.ConfigDict, kind: str, num_classes: int = 0) -> str:
     """The parts of ``config`` that shape the compiled programs, as canonical JSON."""
     section, train = ("unet", "unet_train") if kind == "diffusion" else ("classifier", "classifier_train")
@@ -199,11 +209,7 @@ def _spec(config: ml_collections.ConfigDict, kind: str, num_classes: int = 0) ->
             "train": {k: v for k, v in config[train].to_dict().items()
                       if k not in ("steps", "batch_size", "save_every", "log_every", "seed")}}
     if kind == "classifier":
-        num_steps, max_level = config.diffusion.num_steps, config.classifier.max_level
-        max_level = num_steps - 1 if max_level is None else int(max_level)
-        if not 0 <= max_level < num_steps:
-            raise ValueError(f"classifier.max_level={max_level} outside [0, {num_steps - 1}]")
-        spec.update(num_classes=num_classes, max_level=max_level)
+        spec.update(num_classes=num_classes, max_level=trained_max_level(config))
     return json.dumps(spec, sort_keys=True)
 
 

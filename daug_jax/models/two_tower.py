@@ -95,8 +95,8 @@ class TwoTower(nn.Module):
 
     def scalars(self) -> dict[str, jnp.ndarray]:
         """The three learned scalars, exponentiated where stored as logs (float32 [])."""
-        # Clipping the value (not the parameter) stops the CLIP temperature at 100 while the
-        # stored log stays a plain parameter for the optimizer.
+        # The stored log is clamped after every update (`clamp_logit_scale`, as CLIP clamps its
+        # parameter); clipping the value as well caps a checkpoint or init above the cap.
         logit_scale = jnp.exp(jnp.minimum(self.log_logit_scale, math.log(self.max_logit_scale)))
         return {"logit_scale": logit_scale, "class_scale": jnp.exp(self.log_class_scale),
                 "class_bias": self.class_bias}
@@ -117,6 +117,16 @@ class TwoTower(nn.Module):
                "text_emb": self.encode_text(input_ids, attention_mask, train),
                "class_emb": self.encode_text(class_ids, class_mask, train)}
         return {**out, **self.scalars()}
+
+
+def clamp_logit_scale(params: dict, max_logit_scale: float) -> dict:
+    """``params`` with the stored log CLIP temperature clamped to ``log(max_logit_scale)``.
+
+    Applied after each optimizer update, as CLIP clamps its parameter: a log left above the cap
+    and only clipped when read would get zero gradient there and never come back down.
+    """
+    cap = math.log(max_logit_scale)
+    return {**params, "log_logit_scale": jnp.minimum(params["log_logit_scale"], cap)}
 
 
 def assemble_images(image: np.ndarray, heatmaps: np.ndarray | None, in_channels: int,
