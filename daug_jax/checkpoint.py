@@ -22,11 +22,16 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
+from daug_jax.files import pause_for_test
+
 # A failed read makes orbax log (through absl) a traceback, asyncio report its unretrieved
 # tasks, and tensorstore's reads still in flight complete into the closed event loop ("Event
 # loop is closed", one traceback each through sys.unraisablehook).  A damaged checkpoint is
 # reported by one line of ours instead.
 _NOISY_LOGGERS = ("absl", "orbax", "tensorstore", "asyncio")
+
+# Test-only fault injection (`files.pause_for_test`); unset in normal runs.
+PAUSE_AFTER_CHECKPOINT = "DAUG_TEST_PAUSE_AFTER_CHECKPOINT"
 
 
 def _closed_loop(unraisable: Any) -> bool:
@@ -90,6 +95,10 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state),
                 meta=ocp.args.JsonSave(meta or {})),
             force=force)
+        if saved and os.environ.get(PAUSE_AFTER_CHECKPOINT) == str(step):
+            self._manager.wait_until_finished()  # the pause comes after a committed checkpoint
+            pause_for_test(PAUSE_AFTER_CHECKPOINT, step,
+                           f"paused after checkpoint {step} in {self.directory}")
         return bool(saved)
 
     def _read(self, abstract: Any, step: int) -> tuple[Any, dict]:

@@ -1,11 +1,13 @@
 """Whole-file writes: every product is written to a temporary name and renamed into place, so
 a killed job never leaves a half-written JSON, text or PNG behind (a rerun sees the old file or
-none)."""
+none); `pause_for_test` is the hook the kill-and-resume tests stop a job with."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from typing import Any
 
 
@@ -45,3 +47,14 @@ def save_figure(fig: Any, path: str, **savefig_kwargs: Any) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def pause_for_test(variable: str, value: Any, message: str) -> None:
+    """Test/fault-injection hook, a no-op unless the environment sets ``variable`` to ``value``:
+    then prints ``variable=value: message`` and blocks until the process is killed, so that a
+    test SIGKILLs a job at a known point however fast the machine is."""
+    if os.environ.get(variable) != str(value):
+        return
+    print(f"{variable}={value}: {message}", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(60)

@@ -29,7 +29,7 @@ from flax import serialization
 from tqdm import tqdm
 
 from daug_jax.data import pipeline
-from daug_jax.files import write_json
+from daug_jax.files import pause_for_test, write_json
 from daug_jax.heatmaps import (HeatmapFn, calibrate_scale, init_models, load_models,
                                make_heatmap_fn, scale_heatmaps, to_model_space,
                                translate_python_loop)
@@ -37,6 +37,8 @@ from daug_jax.lock import workdir_lock
 
 _METADATA = "metadata.json"
 _CALIBRATION = "calibration.json"
+# Test-only fault injection (`files.pause_for_test`): stop once shard <k> is in place.
+PAUSE_AFTER_SHARD = "DAUG_TEST_PAUSE_AFTER_SHARD"
 
 
 def _shard_name(k: int, num_shards: int) -> str:
@@ -136,6 +138,7 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
             raise
         writer.close()
         os.replace(f"{path}.tmp", path)
+        pause_for_test(PAUSE_AFTER_SHARD, k, f"paused after shard {path}")
     bar.close()
     return meta
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -69,6 +70,24 @@ def kill(proc: subprocess.Popen) -> None:
 def tail(path: str, chars: int = 3000) -> str:
     with open(path, errors="replace") as f:
         return f.read()[-chars:]
+
+
+def wait_for_line(proc: subprocess.Popen, log_path: str, text: str, timeout: float) -> None:
+    """Waits until ``text`` appears in ``log_path``, the output of ``proc``; fails, with the
+    output's tail, if ``proc`` exits first or ``timeout`` seconds pass.  Meant for the lines that
+    the library's test pause hooks (``DAUG_TEST_PAUSE_AFTER_*``) print before they block."""
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = proc.poll() is not None  # before reading: a line printed before exiting counts
+        with open(log_path, errors="replace") as f:
+            if text in f.read():
+                return
+        if exited:
+            raise AssertionError(f"exited ({proc.returncode}) before printing {text!r}:\n"
+                                 f"{tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {text!r} after {timeout} s:\n{tail(log_path)}")
+        time.sleep(0.02)
 
 
 def run(cmd: list[str], env: dict, log_path: str, timeout: float) -> str:

@@ -3,8 +3,9 @@
 For each training CLI (``daug-jax train-diffusion``, ``daug-jax train``) with a tiny config,
 checkpointing every 2 of 6 steps on 2 simulated devices:
   A. the command runs uninterrupted;
-  B. the same command in another workdir is SIGKILLed as soon as its first checkpoint is complete,
-     then started again and left to finish.
+  B. the same command in another workdir is SIGKILLed while the test hook
+     ``DAUG_TEST_PAUSE_AFTER_CHECKPOINT`` holds it right after its first checkpoint (step 2) is
+     complete, then started again without the hook and left to finish.
 The final checkpoints of A and B must be *bitwise* equal, every leaf (parameters, EMA, optimizer
 moments, step).  Bitwise, not approximately: batches are a pure function of (seed, step), PRNG keys
 are folded from the step, orbax restores the exact float32 bytes, and both runs execute the same
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 
 import jax
 import numpy as np
@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import _subproc
+from daug_jax.checkpoint import PAUSE_AFTER_CHECKPOINT
 
 STEPS, EVERY, TIMEOUT = 6, 2, 420
 
@@ -67,23 +68,20 @@ def _final_state(workdir: str) -> dict:
             for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def _kill_after_first_checkpoint(cmd: list[str], env: dict, workdir: str) -> int:
-    """Starts ``cmd``, SIGKILLs it once a checkpoint is complete; returns the latest complete step."""
+def _kill_when_paused(cmd: list[str], env: dict, workdir: str) -> int:
+    """Starts ``cmd`` with the test hook that blocks it once checkpoint ``EVERY`` is complete
+    (``DAUG_TEST_PAUSE_AFTER_CHECKPOINT``), SIGKILLs it there; returns its latest complete step.
+
+    The run cannot finish, nor save another step, before the kill, however fast the machine."""
     checkpoints, log = os.path.join(workdir, "checkpoints"), workdir + ".killed.log"
-    proc = _subproc.start(cmd, env, log)
+    proc = _subproc.start(cmd, {**env, PAUSE_AFTER_CHECKPOINT: str(EVERY)}, log)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not _finished_steps(checkpoints):
-            if proc.poll() is not None:
-                raise AssertionError(f"exited ({proc.returncode}) before its first checkpoint:\n"
-                                     f"{_subproc.tail(log)}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no checkpoint after {TIMEOUT} s:\n{_subproc.tail(log)}")
-            time.sleep(0.01)
+        _subproc.wait_for_line(proc, log, f"{PAUSE_AFTER_CHECKPOINT}={EVERY}: paused", TIMEOUT)
     finally:
         _subproc.kill(proc)
     steps = _finished_steps(checkpoints)
     assert proc.returncode == -9, f"expected death by SIGKILL, got exit code {proc.returncode}"
+    assert steps and steps[-1] == EVERY, f"killed paused after checkpoint {EVERY}, has {steps}"
     assert steps[-1] < STEPS, f"the run finished ({steps}) before it could be killed"
     return steps[-1]
 
@@ -108,7 +106,7 @@ def test_killed_and_rerun_equals_uninterrupted(command, tmp_path_factory):
         shutil.copytree(tokenizer, os.path.join(resumed, "tokenizer"))
 
     cmd = _subproc.CLI + [command, "--workdir", resumed] + overrides
-    killed_at = _kill_after_first_checkpoint(cmd, env, resumed)
+    killed_at = _kill_when_paused(cmd, env, resumed)
     output = _subproc.run(cmd, env, resumed + ".log", TIMEOUT)
     # The rerun's progress bar starts at the restored step: it resumed, it did not start over.
     counts = re.findall(rf"\b(\d+)/{STEPS}\b", output)
