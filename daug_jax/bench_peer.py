@@ -78,8 +78,9 @@ def compare(jax_call: Callable[[], Any], peer_step: Any, *, jax_flops: float, ja
     """Times ``jax_call`` (its result blocked on) and ``peer_step.call`` in back-to-back pairs.
 
     peer_step: a `peers.PeerStep`; jax_flops: matmul + convolution FLOPs of one daug-jax call
-    (`bench_programs.matmul_flops`); jax_params: its parameter elements.  Returns the pair's times, the
-    per-pair ratios peer / jax and their median ``ratio``, and both FLOP and parameter counts.
+    (`bench_programs.matmul_flops`); jax_params: its parameter elements.  Returns the pair's
+    times, the per-pair ratios peer / jax and their median ``ratio``, and both FLOP and
+    parameter counts.
     """
     jax.block_until_ready(jax_call())
     peer_step.call()
