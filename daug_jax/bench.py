@@ -46,7 +46,6 @@ from daug_jax.bench_programs import (compile_step, matmul_flops, matmul_program,
                                      towers_step, unet_step, xla_flops)
 from daug_jax.config import load_config
 from daug_jax.data.pipeline import ArraySource
-from daug_jax.losses import labels_and_mask
 from daug_jax.files import write_json
 
 PARTS = ("matmul", "unet", "classifier", "towers", "heatmaps", "input")
@@ -137,8 +136,9 @@ def bench_heatmaps(config: Any, size: int, batch: int, *, targets: str, level: i
 
     FLOPs of the compiled program: XLA's cost analysis (``xla_flops``; a rolled loop's body may
     be counted once) and the matmuls and convolutions of its jaxpr, loops counted per trip
-    (``matmul_flops``).  peer: ``peer(x, num_classes, index, direction, grid, scale, blur)`` builds the peer
-    framework's same translation (`peers.PeerStep`), timed against the compiled program.
+    (``matmul_flops``).  peer: ``peer(x, num_classes, index, direction, grid, scale, blur)``
+    builds the peer framework's same translation (`peers.PeerStep`), timed against the compiled
+    program.
     """
     from daug_jax import bench_peer
     from daug_jax.data import synthetic
@@ -273,6 +273,9 @@ def run(args: argparse.Namespace) -> dict:
     parts = [p for p in PARTS if p in args.parts]
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(args.batch, args.size, args.size, 1)).astype(np.float32)
+    # Films with labels and reports, for the classifier's and the towers' steps.
+    films = (synthetic.generate(args.batch, image_size=args.size, seed=0)
+             if {"classifier", "towers"} & set(parts) else None)
     matmul = matmul_program(args.matmul_n, args.matmul_dtype) if "matmul" in parts else None
     for part in tqdm(parts, desc="bench", unit="part"):
         if part == "matmul":
@@ -282,17 +285,16 @@ def run(args: argparse.Namespace) -> dict:
             result["unet_train_step"] = bench_step(*unet_step(dcfg, images), args.batch,
                                                    args.repeats, mesh, matmul, peer=build)
         elif part == "classifier":
-            raw = synthetic.generate(args.batch, image_size=args.size, seed=0)["labels"]
+            step_fn, init_state, source = unet_step(dcfg, images, classifier_labels=films["labels"])
             build = peer and (lambda: peer.diffusion.classifier_step(
-                dcfg, images, *labels_and_mask(np.asarray(raw, np.float32)), peer.device))
-            result["classifier_train_step"] = bench_step(
-                *unet_step(dcfg, images, classifier_labels=raw), args.batch, args.repeats, mesh,
-                matmul, peer=build)
+                dcfg, images, source.arrays["labels"], source.arrays["label_mask"], peer.device))
+            result["classifier_train_step"] = bench_step(step_fn, init_state, source, args.batch,
+                                                         args.repeats, mesh, matmul, peer=build)
         elif part == "towers":
             tcfg.train.batch_size = args.batch
-            data = synthetic.generate(args.batch, image_size=args.size, seed=0)
             with tempfile.TemporaryDirectory() as workdir:
-                step_fn, init_state, source, class_tokens, vocab = towers_parts(tcfg, data, workdir)
+                step_fn, init_state, source, class_tokens, vocab = towers_parts(tcfg, films,
+                                                                                workdir)
                 build = peer and (lambda: peer.towers.towers_step(
                     tcfg, source.arrays, class_tokens, vocab))
                 result["towers_train_step"] = bench_step(step_fn, init_state, source, args.batch,
@@ -376,6 +378,7 @@ def report(result: dict) -> str:
 
 
 def main(command: str, argv: list[str]) -> int:
+    from daug_jax import bench_peer
     from experiments.bench import get_profile
 
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
@@ -385,7 +388,7 @@ def main(command: str, argv: list[str]) -> int:
                         help="the gpu profile's program shapes at tiny sizes (a CPU smoke run)")
     parser.add_argument("--quick", action="store_true",
                         help="cpu profile, small sizes and few repeats (a smoke run, not a measurement)")
-    parser.add_argument("--peer", default=None, choices=("torch",),
+    parser.add_argument("--peer", default=None, choices=bench_peer.PEERS,
                         help="time each part beside the same computation in PyTorch "
                              "(peers/; the optional extra .[peer])")
     parser.add_argument("--batch", type=int, default=None, help="train-step batch")
@@ -416,7 +419,7 @@ def main(command: str, argv: list[str]) -> int:
     except ValueError as e:
         parser.error(str(e))
     for key, value in profile["settings"].items():
-        if getattr(args, key, None) is None:
+        if getattr(args, key) is None:
             setattr(args, key, value)
     args.diffusion_set = profile["diffusion_set"] + args.diffusion_set
     args.towers_set = profile["towers_set"] + args.towers_set
@@ -425,7 +428,7 @@ def main(command: str, argv: list[str]) -> int:
         parser.error(f"unknown --parts {unknown}; valid: {list(PARTS)}")
     for key in ("batch", "size", "repeats", "matmul_n", "ddim_steps", "heatmap_batch",
                 "input_size", "input_steps"):
-        if getattr(args, key, 1) < 1:
+        if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     args.parts = args.parts.split(",")
     parallel.maybe_initialize_distributed()

@@ -57,7 +57,8 @@ def load(name: str) -> Peer:
     try:
         torch = importlib.import_module("torch")
     except ImportError as e:
-        raise SystemExit(f"bench --peer torch needs PyTorch, an optional extra never installed by "
+        # A user error like any other: one line from the CLI, exit status 2.
+        raise ValueError(f"bench --peer torch needs PyTorch, an optional extra never installed by "
                          f"`make test`: pip install -e '.[peer]' (on a CPU-only machine first "
                          f"pip install torch --index-url https://download.pytorch.org/whl/cpu) "
                          f"({e})") from e

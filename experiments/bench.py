@@ -28,11 +28,12 @@ _TINY_TOWERS = ["model.vision.resnet={'stage_sizes': (1,), 'widths': (8,), 'stem
 
 
 def _paper_net(prefix: str, ch: int, channel_mult: str, res_blocks: int, attention: str,
-               heads: int) -> list[str]:
+               heads: int, groups: int = 32) -> list[str]:
     """A UNet-shaped network (epsilon-UNet or classifier) in bfloat16."""
     return [f"{prefix}.ch={ch}", f"{prefix}.channel_mult={channel_mult}",
             f"{prefix}.num_res_blocks={res_blocks}", f"{prefix}.attention_resolutions={attention}",
-            f"{prefix}.num_heads={heads}", f"{prefix}.norm_groups=32", f"{prefix}.dtype=bfloat16"]
+            f"{prefix}.num_heads={heads}", f"{prefix}.norm_groups={groups}",
+            f"{prefix}.dtype=bfloat16"]
 
 
 # The paper's sizes (guided-diffusion's 256 px models, as the authors use them): 128 base
@@ -46,9 +47,8 @@ _GPU_NETS = (_paper_net("unet", 128, "(1,1,2,2,4,4)", 2, "(16,)", 4)
 # a size a CPU compiles in seconds: compilation, not running, is what a smoke run pays for.
 GPU_TINY = dict(GPU, batch=2, size=16, repeats=2, matmul_n=256, level=20, ddim_steps=2,
                 heatmap_batch=2)
-_GPU_TINY_NETS = (_paper_net("unet", 8, "(1,)", 1, "(16,)", 2)
-                  + _paper_net("classifier", 8, "(1,)", 1, "(16,)", 2))
-_GPU_TINY_NETS = [s.replace("norm_groups=32", "norm_groups=4") for s in _GPU_TINY_NETS]
+_GPU_TINY_NETS = (_paper_net("unet", 8, "(1,)", 1, "(16,)", 2, groups=4)
+                  + _paper_net("classifier", 8, "(1,)", 1, "(16,)", 2, groups=4))
 
 
 def get_profile(name: str, tiny: bool = False, quick: bool = False) -> dict:
