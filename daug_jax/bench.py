@@ -23,7 +23,8 @@ Sizes come from a profile (``experiments/bench.py``), flags override them.
 Every time is the median of ``--repeats`` calls after warm-up, each ended by ``block_until_ready``.
 Results go to ``--out`` (JSON, written to a temporary name and renamed) and to stdout.
 
-What is run (step builders, the matmul) and the FLOP counts live in `daug_jax.bench_programs`.
+What is run (step builders, the matmul) and the FLOP counts live in `daug_jax.bench_programs`,
+the printed summary in `daug_jax.bench_report`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tqdm import tqdm
 from daug_jax import parallel
 from daug_jax.bench_programs import (compile_step, matmul_flops, matmul_program, towers_parts,
                                      towers_step, unet_step, xla_flops)
+from daug_jax.bench_report import PEER_KEYS, report
 from daug_jax.config import load_config
 from daug_jax.data.pipeline import ArraySource
 from daug_jax.files import write_json
@@ -268,48 +270,20 @@ def run(args: argparse.Namespace) -> dict:
     peer = bench_peer.load(args.peer) if args.peer else None
     if peer is not None:
         result["peer"] = peer.info()
-    dcfg = load_config(args.diffusion_config, args.diffusion_set)
-    tcfg = load_config(args.towers_config, args.towers_set)
     parts = [p for p in PARTS if p in args.parts]
     rng = np.random.default_rng(0)
-    images = rng.uniform(size=(args.batch, args.size, args.size, 1)).astype(np.float32)
-    # Films with labels and reports, for the classifier's and the towers' steps.
-    films = (synthetic.generate(args.batch, image_size=args.size, seed=0)
-             if {"classifier", "towers"} & set(parts) else None)
-    matmul = matmul_program(args.matmul_n, args.matmul_dtype) if "matmul" in parts else None
+    inputs = {
+        "dcfg": load_config(args.diffusion_config, args.diffusion_set),
+        "tcfg": load_config(args.towers_config, args.towers_set),
+        "images": rng.uniform(size=(args.batch, args.size, args.size, 1)).astype(np.float32),
+        # Films with labels and reports, for the classifier's and the towers' steps.
+        "films": (synthetic.generate(args.batch, image_size=args.size, seed=0)
+                  if {"classifier", "towers"} & set(parts) else None),
+        "matmul": matmul_program(args.matmul_n, args.matmul_dtype) if "matmul" in parts else None,
+        "mesh": mesh, "peer": peer}
     for part in tqdm(parts, desc="bench", unit="part"):
-        if part == "matmul":
-            result["matmul"] = bench_matmul(matmul, args.matmul_n, args.repeats, args.matmul_dtype)
-        elif part == "unet":
-            build = peer and (lambda: peer.diffusion.unet_step(dcfg, images, peer.device))
-            result["unet_train_step"] = bench_step(*unet_step(dcfg, images), args.batch,
-                                                   args.repeats, mesh, matmul, peer=build)
-        elif part == "classifier":
-            step_fn, init_state, source = unet_step(dcfg, images, classifier_labels=films["labels"])
-            build = peer and (lambda: peer.diffusion.classifier_step(
-                dcfg, images, source.arrays["labels"], source.arrays["label_mask"], peer.device))
-            result["classifier_train_step"] = bench_step(step_fn, init_state, source, args.batch,
-                                                         args.repeats, mesh, matmul, peer=build)
-        elif part == "towers":
-            tcfg.train.batch_size = args.batch
-            with tempfile.TemporaryDirectory() as workdir:
-                step_fn, init_state, source, class_tokens, vocab = towers_parts(tcfg, films,
-                                                                                workdir)
-                build = peer and (lambda: peer.towers.towers_step(
-                    tcfg, source.arrays, class_tokens, vocab))
-                result["towers_train_step"] = bench_step(step_fn, init_state, source, args.batch,
-                                                         args.repeats, mesh, matmul, peer=build)
-        elif part == "input":
-            tcfg.data.update(image_size=args.input_size, data_dir=args.data_dir,
-                             num_train=max(64 if args.quick else 2048,
-                                           args.batch * args.input_steps))
-            result["input"] = bench_input(tcfg, tcfg.data, args.batch, args.input_steps,
-                                          args.repeats, mesh)
-        else:
-            build = peer and (lambda *a: peer.diffusion.translation(dcfg, *a, peer.device))
-            result["heatmaps"] = bench_heatmaps(
-                dcfg, args.size, args.heatmap_batch, targets=args.targets, level=args.level,
-                num_steps=args.ddim_steps, scale=3.0, repeats=args.repeats, peer=build)
+        key, value = _run_part(part, args, **inputs)
+        result[key] = value
     if "matmul" in result and "heatmaps" in result:
         compiled = result["heatmaps"]["compiled"]
         compiled["ratio_to_matmul"] = compiled["xla_flops_per_s"] / result["matmul"]["flops_per_s"]
@@ -320,66 +294,42 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-STEP_NAMES = {"unet_train_step": "UNet train step", "classifier_train_step": "classifier step",
-              "towers_train_step": "two-tower step"}
-PEER_KEYS = (*STEP_NAMES, "heatmaps")
+def _run_part(part: str, args: argparse.Namespace, *, dcfg, tcfg, images, films, matmul, mesh,
+              peer) -> tuple[str, dict]:
+    """Measures one of `PARTS`: (its key in the result, its measurement)."""
+    if part == "matmul":
+        return "matmul", bench_matmul(matmul, args.matmul_n, args.repeats, args.matmul_dtype)
+    if part == "unet":
+        build = peer and (lambda: peer.diffusion.unet_step(dcfg, images, peer.device))
+        return "unet_train_step", bench_step(*unet_step(dcfg, images), args.batch, args.repeats,
+                                             mesh, matmul, peer=build)
+    if part == "classifier":
+        step_fn, init_state, source = unet_step(dcfg, images, classifier_labels=films["labels"])
+        build = peer and (lambda: peer.diffusion.classifier_step(
+            dcfg, images, source.arrays["labels"], source.arrays["label_mask"], peer.device))
+        return "classifier_train_step", bench_step(step_fn, init_state, source, args.batch,
+                                                   args.repeats, mesh, matmul, peer=build)
+    if part == "towers":
+        tcfg.train.batch_size = args.batch
+        with tempfile.TemporaryDirectory() as workdir:
+            step_fn, init_state, source, class_tokens, vocab = towers_parts(tcfg, films, workdir)
+            build = peer and (lambda: peer.towers.towers_step(tcfg, source.arrays, class_tokens,
+                                                              vocab))
+            return "towers_train_step", bench_step(step_fn, init_state, source, args.batch,
+                                                   args.repeats, mesh, matmul, peer=build)
+    if part == "input":
+        tcfg.data.update(image_size=args.input_size, data_dir=args.data_dir,
+                         num_train=max(64 if args.quick else 2048, args.batch * args.input_steps))
+        return "input", bench_input(tcfg, tcfg.data, args.batch, args.input_steps, args.repeats,
+                                    mesh)
+    build = peer and (lambda *a: peer.diffusion.translation(dcfg, *a, peer.device))
+    return "heatmaps", bench_heatmaps(
+        dcfg, args.size, args.heatmap_batch, targets=args.targets, level=args.level,
+        num_steps=args.ddim_steps, scale=3.0, repeats=args.repeats, peer=build)
 
 
-def _rate(flops_per_s: float) -> str:
-    return (f"{flops_per_s / 1e12:9.2f} TFLOP/s" if flops_per_s >= 1e12
-            else f"{flops_per_s / 1e9:9.1f} GFLOP/s")
-
-
-def report(result: dict) -> str:
-    """The human-readable summary printed after a run."""
+def _parser(command: str) -> argparse.ArgumentParser:
     from daug_jax import bench_peer
-
-    d = result["device"]
-    lines = [f"bench: {d['count']} x {d['kind']} ({d['platform']}), jax {d['jax']}"]
-    if "matmul" in result:
-        m = result["matmul"]
-        lines.append(f"  matmul {m['n']}^2 {m['dtype']:<10} {_rate(m['flops_per_s'])} "
-                     f"({m['median_s'] * 1e3:.1f} ms)")
-    for key, name in STEP_NAMES.items():
-        if key in result:
-            s = result[key]
-            ratio = f", {s['ratio_to_matmul']:.2f} x matmul" if "ratio_to_matmul" in s else ""
-            lines.append(f"  {name:<24} {_rate(s['flops_per_s'])}{ratio}; "
-                         f"{s['images_per_s']:.1f} images/s (batch {s['batch']}, "
-                         f"{s['median_s'] * 1e3:.1f} ms/step, {s['flops_per_device'] / 1e9:.2f} "
-                         f"GFLOP/step/device)")
-    if "heatmaps" in result:
-        h = result["heatmaps"]
-        for name in ("compiled", "python_loop"):
-            lines.append(f"  heatmaps {name:<15} {h[name]['images_classes_per_s']:9.2f} "
-                         f"images*classes/s")
-        c = h["compiled"]
-        ratio = f", {c['ratio_to_matmul']:.2f} x matmul" if "ratio_to_matmul" in c else ""
-        lines.append(f"  heatmaps compiled / python loop: {h['speedup']:.2f}x; compiled "
-                     f"{_rate(c['xla_flops_per_s']).strip()}{ratio}")
-    if "input" in result:
-        i = result["input"]
-        lines.append(f"  input pipeline            {i['pipeline_steps_per_s']:9.2f} steps/s vs "
-                     f"{i['in_memory_steps_per_s']:.2f} from arrays in memory = "
-                     f"{i['ratio']:.2f}x (two-tower step, batch {i['batch']}, "
-                     f"{i['image_size']} px, {i['dataset']})")
-    if "peer" in result:
-        p = result["peer"]
-        lines.append(f"  peer: {p['framework']} {p['version']} on {p['device']}, "
-                     f"{p['threads']} threads (median of back-to-back pairs)")
-        names = {**STEP_NAMES, "heatmaps": "heatmap translation"}
-        lines += [bench_peer.summary_line(names[k], result[k]["peer"]) for k in PEER_KEYS
-                  if "peer" in result.get(k, {})]
-    mem = result["memory"]
-    lines.append(f"  peak host RSS {mem['host_peak_rss_bytes'] / 2 ** 20:.0f} MiB"
-                 + ("" if not mem["device"] else "; device peak " + ", ".join(
-                     f"{m.get('peak_bytes_in_use', 0) / 2 ** 20:.0f} MiB" for m in mem["device"])))
-    return "\n".join(lines)
-
-
-def main(command: str, argv: list[str]) -> int:
-    from daug_jax import bench_peer
-    from experiments.bench import get_profile
 
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"),
@@ -413,6 +363,13 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--data-dir", default=os.path.join("runs", "tfds"),
                         help="where the input part's synthetic_cxr dataset is (built if missing)")
     parser.add_argument("--out", default=os.path.join("runs", "bench", "bench.json"))
+    return parser
+
+
+def main(command: str, argv: list[str]) -> int:
+    from experiments.bench import get_profile
+
+    parser = _parser(command)
     args = parser.parse_args(argv)
     try:
         profile = get_profile(args.profile, tiny=args.tiny, quick=args.quick)

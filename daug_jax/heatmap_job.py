@@ -83,22 +83,11 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
                          f"{shard_size}")
     n = len(source)
     num_shards = max(1, -(-n // shard_size))
-    meta = {"num_records": n, "shard_size": shard_size, "dtype": dtype,
-            "scale_constant": float(scale_constant),
-            "shards": [_shard_name(k, num_shards) for k in range(num_shards)],
-            **heatmap_fn.settings(), **(extra_metadata or {})}
-    meta = json.loads(json.dumps(meta))
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, _METADATA)
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-        if diff:
-            raise ValueError(f"{out_dir} holds heatmaps made with other settings "
-                             f"({', '.join(diff)}: {[old.get(k) for k in diff]} vs "
-                             f"{[meta.get(k) for k in diff]}); use another output directory")
-    write_json(meta_path, meta)  # every process writes the same bytes (atomic rename)
+    meta = _store_metadata(out_dir, {
+        "num_records": n, "shard_size": shard_size, "dtype": dtype,
+        "scale_constant": float(scale_constant),
+        "shards": [_shard_name(k, num_shards) for k in range(num_shards)],
+        **heatmap_fn.settings(), **(extra_metadata or {})})
     # Process p of P owns shards p, p + P, ...: each writes its own files, none waits for another.
     index, count = (jax.process_index(), jax.process_count()) if process is None else process
     mine = range(index, num_shards, count)
@@ -116,31 +105,56 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
                unit="img")
     for k in todo:
         path = os.path.join(out_dir, meta["shards"][k])
-        writer = array_record_module.ArrayRecordWriter(f"{path}.tmp", "group_size:1")
-        try:
-            for start in range(rows(k).start, rows(k).stop, batch_size):
-                index = np.arange(start, min(rows(k).stop, start + batch_size))
-                batch = pipeline.read(source, index)
-                if "id" not in batch:
-                    raise ValueError(f"source records need an 'id' field, got {sorted(batch)}")
-                # A shard's last batch is padded to the compiled batch size.
-                _, raw = heatmap_fn(pipeline.pad_rows(to_model_space(batch["image"]), batch_size))
-                heat = scale_heatmaps(jax.device_get(raw)[:len(index)], scale_constant)
-                heat = (np.round(heat * 255).astype(np.uint8) if dtype == "uint8"
-                        else heat.astype(np.float16))
-                for j, i in enumerate(index):
-                    writer.write(serialization.msgpack_serialize(
-                        {"index": int(i), "id": str(batch["id"][j]), "heatmaps": heat[j]}))
-                bar.update(len(index))
-        except BaseException:
-            writer.close()
-            os.remove(f"{path}.tmp")
-            raise
-        writer.close()
-        os.replace(f"{path}.tmp", path)
+        _write_shard(path, source, rows(k), heatmap_fn, scale_constant, batch_size, dtype, bar)
         pause_for_test(PAUSE_AFTER_SHARD, k, f"paused after shard {path}")
     bar.close()
     return meta
+
+
+def _store_metadata(out_dir: str, meta: dict) -> dict:
+    """Writes ``metadata.json`` (as JSON reads it back) unless the directory holds heatmaps made
+    with other settings, which are refused rather than mixed in."""
+    meta = json.loads(json.dumps(meta))
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, _METADATA)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if diff:
+            raise ValueError(f"{out_dir} holds heatmaps made with other settings "
+                             f"({', '.join(diff)}: {[old.get(k) for k in diff]} vs "
+                             f"{[meta.get(k) for k in diff]}); use another output directory")
+    write_json(meta_path, meta)  # every process writes the same bytes (atomic rename)
+    return meta
+
+
+def _write_shard(path: str, source: Any, rows: range, heatmap_fn: HeatmapFn,
+                 scale_constant: float, batch_size: int, dtype: str, bar: tqdm) -> None:
+    """The records ``rows`` of ``source`` into the shard ``path``: written under a temporary
+    name, renamed once complete (an interrupted shard leaves no file of its final name)."""
+    writer = array_record_module.ArrayRecordWriter(f"{path}.tmp", "group_size:1")
+    try:
+        for start in range(rows.start, rows.stop, batch_size):
+            index = np.arange(start, min(rows.stop, start + batch_size))
+            batch = pipeline.read(source, index)
+            if "id" not in batch:
+                raise ValueError(f"source records need an 'id' field, got {sorted(batch)}")
+            # A shard's last batch is padded to the compiled batch size.
+            _, raw = heatmap_fn(pipeline.pad_rows(to_model_space(batch["image"]), batch_size))
+            heat = scale_heatmaps(jax.device_get(raw)[:len(index)], scale_constant)
+            heat = (np.round(heat * 255).astype(np.uint8) if dtype == "uint8"
+                    else heat.astype(np.float16))
+            for j, i in enumerate(index):
+                writer.write(serialization.msgpack_serialize(
+                    {"index": int(i), "id": str(batch["id"][j]), "heatmaps": heat[j]}))
+            bar.update(len(index))
+    except BaseException:
+        writer.close()
+        os.remove(f"{path}.tmp")
+        raise
+    writer.close()
+    os.replace(f"{path}.tmp", path)
 
 
 class HeatmapSource:

@@ -14,10 +14,12 @@ Targets are written as a class name (towards presence, e.g. "Pleural Effusion"),
 (towards absence) or "No Finding", which guides towards ``sigmoid(logit_NoFinding)``, i.e. towards
 a healthy image: its heatmap is an anomaly map.
 
-`make_heatmap_fn` compiles encode + K guided decodes (vmapped over targets) + heatmaps into one
-XLA program; `translate_python_loop` is the same computation dispatched step by step from Python
-(a reference for tests and the baseline of ``daug-jax bench heatmaps``).  Writing the heatmaps of
-a whole dataset, reading them back and the CLI live in `daug_jax.heatmap_job`.
+`Translation` is the one translation path (encode, K guided decodes, heatmaps), shared by the
+heatmap job, the localization check and the benchmark; `make_heatmap_fn` compiles it with fixed
+targets into one XLA program (decodes vmapped over targets).  `translate_python_loop` is the same
+computation dispatched step by step from Python (a reference for tests and the baseline of
+``daug-jax bench heatmaps``).  Writing the heatmaps of a whole dataset, reading them back and the
+CLI live in `daug_jax.heatmap_job`.
 """
 
 from __future__ import annotations
@@ -178,23 +180,6 @@ def module_fn(module, params) -> Partial:
     return Partial(functools.partial(_apply_module, module), params)
 
 
-def _heatmap_program(eps_fn, logit_fn, x0, *, alpha_bar, grid, index, direction, scale,
-                     smooth_sigma, unroll, reference="x0"):
-    """x0 [B, H, W, C] -> (translated [K, B, H, W, C], raw [B, H, W, K]); one encode, K decodes
-    (and with ``reference="reconstruction"`` one unguided decode, the map's reference)."""
-    x_L = sampling.ddim_encode(eps_fn, x0, alpha_bar, grid, unroll=unroll)
-
-    def decode(i, d, s):
-        return sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, alpha_bar, grid, i, d, s,
-                                           unroll=unroll)
-
-    translated = jax.vmap(lambda i, d: decode(i, d, scale))(jnp.asarray(index),
-                                                            jnp.asarray(direction))
-    base = x0 if reference == "x0" else decode(0, 0.0, 0.0)
-    raw = jax.vmap(lambda x: raw_heatmap(base, x, smooth_sigma))(translated)   # [K, B, H, W]
-    return translated, jnp.moveaxis(raw, 0, -1)
-
-
 # What a heatmap is measured against: the film itself ("x0": the map holds the guidance's change
 # plus the DDIM inversion error) or its unguided DDIM reconstruction ("reconstruction": the
 # inversion error cancels, the map holds what the guidance changed; one more decode per film).
@@ -207,22 +192,74 @@ def check_reference(reference: str) -> str:
     return reference
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, jit takes methods
+class Translation:
+    """The one translation path: DDIM encode to level L, guided DDIM decodes, heatmaps.
+
+    The heatmap job and the benchmark run `heatmaps` (through `HeatmapFn`) as one compiled
+    program; the localization check jits the pieces, so that each film is encoded once and
+    decoded for several scales and per-film targets.  Models enter as `as_partial` closures.
+    """
+    alpha_bar: np.ndarray   # [T] float64
+    grid: np.ndarray        # [S + 1] int32 DDIM levels, 0 .. L (`sampling.ddim_grid`)
+    smooth_sigma: float     # Gaussian sigma of the maps in pixels (0: none)
+    unroll: int | bool      # `sampling.default_unroll`
+
+    def encode(self, eps_fn, x0: jax.Array) -> jax.Array:
+        """x0 [B, H, W, C] -> x_L [B, H, W, C], unguided DDIM up the grid."""
+        return sampling.ddim_encode(eps_fn, x0, self.alpha_bar, self.grid, unroll=self.unroll)
+
+    def reconstruct(self, eps_fn, x_L: jax.Array) -> jax.Array:
+        """x_L -> the unguided DDIM decode [B, H, W, C]: the film as the inversion returns it."""
+        return sampling.ddim_decode(eps_fn, x_L, self.alpha_bar, self.grid, unroll=self.unroll)
+
+    def decode(self, eps_fn, logit_fn, x_L, base, index, direction, scale):
+        """x_L, base [B, H, W, C]; index, direction: scalar or [B] (one target per row), scale
+        -> (translated x_c [B, H, W, C], raw heatmap |x_c - base| [B, H, W])."""
+        x_c = sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, self.alpha_bar, self.grid,
+                                          index, direction, scale, unroll=self.unroll)
+        return x_c, raw_heatmap(base, x_c, self.smooth_sigma)
+
+    def heatmaps(self, eps_fn, logit_fn, x0, *, index, direction, scale, reference="x0"):
+        """x0 [B, H, W, C]; index, direction: [K] targets -> (translated [K, B, H, W, C], raw
+        [B, H, W, K]); one encode, K decodes (and one reconstruction, see `REFERENCES`)."""
+        x_L = self.encode(eps_fn, x0)
+        base = x0 if reference == "x0" else self.reconstruct(eps_fn, x_L)
+        translated, raw = jax.vmap(
+            lambda i, d: self.decode(eps_fn, logit_fn, x_L, base, i, d, scale))(
+                jnp.asarray(index), jnp.asarray(direction))                 # raw: [K, B, H, W]
+        return translated, jnp.moveaxis(raw, 0, -1)
+
+
+def make_translation(alpha_bar: Any, *, level: int, num_steps: int, smooth_sigma: float = 0.0,
+                     max_level: int | None = None) -> Translation:
+    """The translation of ``num_steps`` DDIM moves each way to encode ``level`` (checked against
+    the classifier's ``max_level``, `check_level`)."""
+    check_level(level, max_level)
+    alpha_bar = np.asarray(alpha_bar, np.float64)
+    return Translation(alpha_bar, sampling.ddim_grid(len(alpha_bar), level, num_steps),
+                       float(smooth_sigma), sampling.default_unroll())
+
+
 @dataclasses.dataclass(frozen=True)
 class HeatmapFn:
     """``heatmap_fn(x)``: checked input -> one compiled program -> (translated, raw heatmaps).
 
     x: [B, H, W, C] float32 in [-1, 1]  ->  translated [K, B, H, W, C], raw [B, H, W, K].
+    The program is `Translation.heatmaps` with the targets, the scale and the reference fixed.
     """
     eps_fn: Partial
     logit_fn: Partial
     targets: tuple[Target, ...]
-    alpha_bar: np.ndarray
-    grid: np.ndarray
+    translation: Translation
     scale: float
-    smooth_sigma: float
     image_shape: tuple[int, ...] | None
     program: Callable   # jitted (eps_fn, logit_fn, x) -> (translated, raw)
     reference: str = "x0"
+
+    alpha_bar = property(lambda self: self.translation.alpha_bar)
+    grid = property(lambda self: self.translation.grid)
+    smooth_sigma = property(lambda self: self.translation.smooth_sigma)
 
     def __call__(self, x: Any) -> tuple[jax.Array, jax.Array]:
         x = check_images(x, self.image_shape)
@@ -254,18 +291,14 @@ def make_heatmap_fn(eps_fn: Callable, logit_fn: Callable, alpha_bar: Any,
     max_level: the classifier's highest trained level (`TranslationModels.max_level`), checked.
     """
     parsed = parse_targets(targets, class_names)
-    check_level(level, max_level)
     check_reference(reference)
-    alpha_bar = np.asarray(alpha_bar, np.float64)
-    grid = sampling.ddim_grid(len(alpha_bar), level, num_steps)
+    translation = make_translation(alpha_bar, level=level, num_steps=num_steps,
+                                   smooth_sigma=smooth_sigma, max_level=max_level)
     program = jax.jit(functools.partial(
-        _heatmap_program, alpha_bar=alpha_bar, grid=grid,
-        index=np.array([t.index for t in parsed], np.int32),
-        direction=np.array([t.direction for t in parsed], np.float32),
-        scale=float(scale), smooth_sigma=float(smooth_sigma),
-        unroll=sampling.default_unroll(), reference=reference))
-    return HeatmapFn(as_partial(eps_fn), as_partial(logit_fn), parsed, alpha_bar, grid,
-                     float(scale), float(smooth_sigma),
+        translation.heatmaps, index=np.array([t.index for t in parsed], np.int32),
+        direction=np.array([t.direction for t in parsed], np.float32), scale=float(scale),
+        reference=reference))
+    return HeatmapFn(as_partial(eps_fn), as_partial(logit_fn), parsed, translation, float(scale),
                      None if image_shape is None else tuple(int(s) for s in image_shape), program,
                      reference)
 
@@ -290,15 +323,18 @@ def translate_python_loop(heatmap_fn: HeatmapFn, x: Any) -> tuple[jax.Array, jax
     x_L = x0
     for k in range(len(t) - 1):
         x_L = ddim_step(x_L, _eps_call(f.eps_fn, x_L, t[k]), ab[k], ab[k + 1])
-    def decode(index, direction, scale):
+
+    def descend(target=None):
+        """Down the grid, guided towards ``target`` (None: unguided, the reconstruction)."""
         x_t = x_L
         for k in range(len(t) - 1, 0, -1):
-            eps = _guided_eps_call(f.eps_fn, f.logit_fn, x_t, t[k], ab[k], index, direction, scale)
+            eps = (_eps_call(f.eps_fn, x_t, t[k]) if target is None else _guided_eps_call(
+                f.eps_fn, f.logit_fn, x_t, t[k], ab[k], target.index, target.direction, f.scale))
             x_t = ddim_step(x_t, eps, ab[k], ab[k - 1])
         return x_t
 
-    translated = jnp.stack([decode(g.index, g.direction, f.scale) for g in f.targets])
-    base = x0 if f.reference == "x0" else decode(0, 0.0, 0.0)
+    translated = jnp.stack([descend(g) for g in f.targets])
+    base = x0 if f.reference == "x0" else descend()
     raw = jnp.stack([raw_heatmap(base, x_c, f.smooth_sigma) for x_c in translated], axis=-1)
     return translated, raw
 

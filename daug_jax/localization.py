@@ -14,7 +14,8 @@ Modes per localized class c, by the regions a dataset carries:
 Each reports the hit rate, its chance level (mean area fraction of the region: the hit rate of a
 uniformly random point) and the share of heatmap energy inside the region, per class and pooled.
 Every film is encoded once; the guided decode (one target per case) is repeated per guidance
-scale, which is how the sweep over scales stays affordable.
+scale, which is how the sweep over scales stays affordable (the pieces of `heatmaps.Translation`,
+the heatmap job's own translation path).  Figures: `daug_jax.localization_figures`.
 
     daug-jax localize --diffusion runs/diffusion --classifier runs/classifier \\
         --out runs/localization [--data nih_cxr14 --data-dir DIR]
@@ -32,9 +33,10 @@ from tqdm import tqdm
 
 from daug_jax import metrics
 from daug_jax.data.pipeline import pad_rows
-from daug_jax.diffusion import sampling
-from daug_jax.files import save_figure, write_json
-from daug_jax.heatmaps import TranslationModels, raw_heatmap
+from daug_jax.files import write_json
+from daug_jax.heatmaps import (TranslationModels, check_reference, make_translation,
+                               raw_heatmap)
+from daug_jax.localization_figures import plot_examples, plot_sweep
 
 # mode -> (region field, label the film must have, guidance target): "absent" = no:<class>,
 # "present" = <class>, "healthy" = "No Finding".
@@ -134,44 +136,22 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
     the inversion error), and "swapped" — the same films guided the mode's way towards another
     finding (`swapped_classes`), at each scale.  Returns ``{"scales": {scale: {mode:
     {"translated": [M, H, W, 1], "heatmap": [M, H, W], "swapped": [M, H, W] or None}}},
-    "unguided": {mode: [M, H, W]}}`` (numpy).
+    "unguided": {mode: [M, H, W]}}`` (numpy).  Every film is encoded once (`heatmaps.Translation`).
     """
-    from daug_jax.heatmaps import check_level, check_reference
-
     check_reference(reference)
-    check_level(level, models.max_level)
-    grid = sampling.ddim_grid(len(models.alpha_bar), level, num_steps)
-    unroll = sampling.default_unroll()
-    encode = jax.jit(lambda eps_fn, x: sampling.ddim_encode(eps_fn, x, models.alpha_bar, grid,
-                                                            unroll=unroll))
-
-    @jax.jit
-    def decode(eps_fn, logit_fn, base, x_L, index, direction, scale):
-        x_c = sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, models.alpha_bar, grid, index,
-                                          direction, scale, unroll=unroll)
-        return x_c, raw_heatmap(base, x_c, smooth_sigma)
-
-    def run(rows, base, index, direction, scale):
-        """decode over ``rows`` of the films in padded batches -> (x_c [M, ...], heat [M, H, W])."""
-        parts = []
-        for start in range(0, len(rows), batch_size):
-            sl = slice(start, start + batch_size)
-            r, n = rows[sl], len(rows[sl])
-            x_c, heat = decode(models.eps_fn, models.logit_fn, pad_rows(base[r], batch_size),
-                               pad_rows(x_L[r], batch_size), pad_rows(index[sl], batch_size),
-                               pad_rows(direction[sl], batch_size), np.float32(scale))
-            parts.append(jax.device_get((x_c[:n], heat[:n])))
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(2))
-
+    translation = make_translation(models.alpha_bar, level=level, num_steps=num_steps,
+                                   smooth_sigma=smooth_sigma, max_level=models.max_level)
     used = np.unique(np.concatenate([cases[m]["image"] for m in cases]))
-    x_L = np.zeros_like(images)
-    for start in tqdm(range(0, len(used), batch_size), desc="encode", unit="batch"):
-        rows = used[start:start + batch_size]
-        x_L[rows] = jax.device_get(encode(models.eps_fn, pad_rows(images[rows], batch_size)))[:len(rows)]
-    zeros = np.zeros(len(used), np.int32)
-    recon = np.zeros_like(images)
-    recon[used], _ = run(used, images, zeros, zeros.astype(np.float32), 0.0)
+    x_L, recon = np.zeros_like(images), np.zeros_like(images)
+    x_L[used], recon[used] = _encode_films(models, translation, images[used], batch_size)
     base = images if reference == "x0" else recon
+    decode = jax.jit(translation.decode)
+
+    def run(rows, index, direction, scale):
+        """Guided decodes of films ``rows`` (one target each) -> (x_c [M, ...], heat [M, H, W])."""
+        return _in_batches(lambda *a: decode(models.eps_fn, models.logit_fn, *a, np.float32(scale)),
+                           batch_size, x_L[rows], base[rows], index, direction)
+
     modes = modes or {m: MODE_SPECS[m].get("masks", MODE_SPECS[m].get("sites")) for m in cases}
     out = {"scales": {}, "unguided": {
         m: np.asarray(raw_heatmap(images[cases[m]["image"]], recon[cases[m]["image"]],
@@ -180,13 +160,34 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
         out["scales"][float(scale)] = {}
         for mode in cases:
             img, cls, target = cases[mode]["image"], cases[mode]["class"], modes[mode][-1]
-            x_c, heat = run(img, base, *_guidance(models, target, cls, data_classes, False), scale)
+            x_c, heat = run(img, *_guidance(models, target, cls, data_classes, False), scale)
             other = swapped_classes(cls)
             swapped = None if other is None else run(
-                img, base, *_guidance(models, target, other, data_classes, True), scale)[1]
+                img, *_guidance(models, target, other, data_classes, True), scale)[1]
             out["scales"][float(scale)][mode] = {"translated": x_c, "heatmap": heat,
                                                  "swapped": swapped}
     return out
+
+
+def _in_batches(fn, batch_size: int, *arrays: np.ndarray, desc: str | None = None):
+    """``fn(*batch)`` over the rows of ``arrays`` in batches padded to ``batch_size`` (one
+    compiled shape; the padding is dropped) -> its outputs, concatenated, as numpy."""
+    parts = []
+    starts = range(0, len(arrays[0]), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch") if desc else starts:
+        n = len(arrays[0][start:start + batch_size])
+        outputs = jax.device_get(fn(*(pad_rows(a[start:start + batch_size], batch_size)
+                                      for a in arrays)))
+        parts.append(jax.tree.map(lambda v: v[:n], outputs))
+    return jax.tree.map(lambda *p: np.concatenate(p), *parts)
+
+
+def _encode_films(models: TranslationModels, translation, images: np.ndarray,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """images [M, H, W, 1] -> (x_L, unguided reconstruction), both [M, H, W, 1] numpy."""
+    encode, reconstruct = jax.jit(translation.encode), jax.jit(translation.reconstruct)
+    x_L = _in_batches(lambda x: encode(models.eps_fn, x), batch_size, images, desc="encode")
+    return x_L, _in_batches(lambda x: reconstruct(models.eps_fn, x), batch_size, x_L)
 
 
 def _game(heat: np.ndarray, region: np.ndarray, cls: np.ndarray, data_classes) -> dict:
@@ -222,67 +223,7 @@ def score(out: dict, scale: float, cases: dict, data_classes: Sequence[str]) -> 
     return result
 
 
-# ----------------------------------------------------------------------------- figures
-def plot_examples(path: str, images: np.ndarray, cases: dict, out: dict,
-                  data_classes: Sequence[str], per_class: int) -> None:
-    """PNG: for a few cases per class and mode, image / translated / heatmap / region outline."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    picks = {m: [i for c in np.unique(cases[m]["class"])
-                 for i in np.flatnonzero(cases[m]["class"] == c)[:per_class]] for m in cases}
-    n_rows = max(1, max(len(p) for p in picks.values()))
-    fig, axes = plt.subplots(n_rows, 4 * len(cases), figsize=(7 * len(cases), 1.9 * n_rows),
-                             squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for block, mode in enumerate(cases):
-        for row, i in enumerate(picks[mode]):
-            img = images[cases[mode]["image"][i], ..., 0]
-            heat = out[mode]["heatmap"][i]
-            peak = np.unravel_index(np.argmax(heat), heat.shape)
-            region = cases[mode]["region"][i]
-            name = data_classes[cases[mode]["class"][i]]
-            panels = (img, out[mode]["translated"][i, ..., 0], heat, img)
-            target = {"anomaly": "no:" + name, "channel": "to " + NO_FINDING}.get(mode, "to " + name)
-            titles = (f"{mode}: {name}", target,
-                      "|x_c - x0|", "region, max")
-            for col, (panel, title) in enumerate(zip(panels, titles)):
-                ax = axes[row, 4 * block + col]
-                ax.imshow(panel, cmap="magma" if col == 2 else "gray",
-                          **({} if col == 2 else {"vmin": -1, "vmax": 1}))
-                ax.set_title(title, fontsize=7)
-            ax.contour(region, levels=[0.5], colors="cyan", linewidths=0.8)
-            hit = bool(region[peak])
-            ax.plot(peak[1], peak[0], marker="x", color="lime" if hit else "red", markersize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def plot_sweep(path: str, sweep: dict) -> None:
-    """PNG: pooled pointing-game hit rate against guidance scale for both modes, with chance."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scales = sorted(sweep, key=float)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, color in zip(sweep[scales[0]], ("tab:red", "tab:blue", "tab:green")):
-        hits = [sweep[s][mode].get("pointing_game", np.nan) for s in scales]
-        chance = [sweep[s][mode].get("chance", np.nan) for s in scales]
-        ax.plot([float(s) for s in scales], hits, "o-", color=color, label=f"{mode} mode")
-        ax.plot([float(s) for s in scales], chance, "--", color=color, alpha=0.6,
-                label=f"{mode} chance")
-    ax.set_xscale("log")
-    ax.set_xlabel("guidance scale s")
-    ax.set_ylabel("pointing game hit rate")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
+# ----------------------------------------------------------------------------- films
 def collect_films(source, modes: dict, classes: Sequence[str], data_classes: Sequence[str],
                   per_class: int, limit: int, chunk: int = 256) -> dict:
     """Streams the first ``limit`` records of ``source`` and keeps the candidate films only.
@@ -324,10 +265,8 @@ def _interval(effect: dict) -> str:
     return f"{effect['mean']:+.2f} [{effect['ci95'][0]:+.2f}, {effect['ci95'][1]:+.2f}]"
 
 
-def main(command: str, argv: list[str]) -> int:
-    from daug_jax.config import load_config
+def _parse_args(command: str, argv: list[str]) -> argparse.Namespace:
     from daug_jax.data import registry
-    from daug_jax.heatmaps import load_models
 
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
                                      description=__doc__.splitlines()[0])
@@ -340,7 +279,47 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--sweep", help="comma-separated guidance scales (config)")
     parser.add_argument("--split", default="test", help="split whose films are scored")
     registry.add_data_args(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _cases_of(dataset, split: str, models: TranslationModels, loc, seed: int):
+    """The scored cases of ``split``: (data_classes, modes, non-empty cases, films in [-1, 1])."""
+    data_classes = list(dataset.class_names)
+    modes = modes_for(dataset.builder.info.features.keys())
+    # Every class the data has a region for and the classifier can guide ("No Finding": none).
+    classes = [c for c in data_classes if c in models.class_names and c != NO_FINDING]
+    data = collect_films(dataset.source(split), modes, classes, data_classes,
+                         int(loc.cases_per_class), int(loc.pool_size))
+    regions = {field: data[field] for field, _, _ in modes.values()}
+    cases = select_cases(data["labels"], regions, data_classes, classes, loc.cases_per_class,
+                         seed, modes)
+    cases = {m: c for m, c in cases.items() if len(c["class"])}
+    return data_classes, modes, cases, data["image"] * 2.0 - 1.0
+
+
+def _print_summary(results: dict, cases: dict, scales: list[float], scale: float) -> None:
+    for s in scales:
+        line = ", ".join(f"{m} {results[s][m].get('pointing_game', float('nan')):.2f} "
+                         f"(chance {results[s][m].get('chance', float('nan')):.2f}, "
+                         f"n={results[s][m]['n']})" for m in cases)
+        print(f"localize: scale {s:g}: {line}")
+    for mode in cases:
+        r = results[float(scale)][mode]
+        controls = [f"{c} {r[c]['pointing_game']:.2f} (guided - {c} "
+                    f"{_interval(r[c]['difference'])})" for c in ("unguided", "swapped") if r.get(c)]
+        print(f"localize: {mode} at scale {scale:g}: guided {r['pointing_game']:.2f}; "
+              + "; ".join(controls))
+        for name, r in results[float(scale)][mode]["per_class"].items():
+            print(f"  {mode:>7} {name:<17} hit {r['pointing_game']:.2f}  chance {r['chance']:.2f}"
+                  f"  energy {r['energy_inside']:.2f}  n={r['n']}")
+
+
+def main(command: str, argv: list[str]) -> int:
+    from daug_jax.config import load_config
+    from daug_jax.data import registry
+    from daug_jax.heatmaps import load_models
+
+    args = _parse_args(command, argv)
     config = load_config(args.config, args.set)
     registry.apply_data_args(config, args)
     h = config.heatmaps
@@ -355,19 +334,8 @@ def main(command: str, argv: list[str]) -> int:
         raise ValueError(f"{dataset.name} has no lesion masks, sites or boxes to score the pointing "
                          f"game against (datasets with them: "
                          f"{', '.join(n for n, e in registry.REGISTRY.items() if e.localized)})")
-    source = dataset.source(args.split)
     seed, size = int(config.data.get("seed", 0)), models.image_shape[0]
-    data_classes = list(dataset.class_names)
-    modes = modes_for(dataset.builder.info.features.keys())
-    # Every class the data has a region for and the classifier can guide ("No Finding": none).
-    classes = [c for c in data_classes if c in models.class_names and c != NO_FINDING]
-    data = collect_films(source, modes, classes, data_classes, int(loc.cases_per_class),
-                         int(loc.pool_size))
-    regions = {field: data[field] for field, _, _ in modes.values()}
-    cases = select_cases(data["labels"], regions, data_classes, classes, loc.cases_per_class,
-                         seed, modes)
-    cases = {m: c for m, c in cases.items() if len(c["class"])}
-    images = data["image"] * 2.0 - 1.0
+    data_classes, modes, cases, images = _cases_of(dataset, args.split, models, loc, seed)
     reference = h.get("reference", "x0")
     out = translate_cases(models, images, cases, scales=scales, level=h.level,
                           num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
@@ -383,25 +351,10 @@ def main(command: str, argv: list[str]) -> int:
     write_json(os.path.join(args.out, "localization.json"),
                {**results[float(scale)], "settings": settings})
     plot_examples(os.path.join(args.out, "localization.png"), images, cases,
-                  out["scales"][float(scale)],
-                  data_classes, loc.examples_per_class)
+                  out["scales"][float(scale)], data_classes, loc.examples_per_class)
     write_json(os.path.join(args.out, "guidance_sweep.json"),
                {"settings": settings, "scales": {str(s): results[s] for s in sweep}})
-    plot_sweep(os.path.join(args.out, "guidance_sweep.png"),
-               {str(s): results[s] for s in sweep})
-    for s in scales:
-        line = ", ".join(f"{m} {results[s][m].get('pointing_game', float('nan')):.2f} "
-                         f"(chance {results[s][m].get('chance', float('nan')):.2f}, "
-                         f"n={results[s][m]['n']})" for m in cases)
-        print(f"localize: scale {s:g}: {line}")
-    for mode in cases:
-        r = results[float(scale)][mode]
-        controls = [f"{c} {r[c]['pointing_game']:.2f} (guided - {c} "
-                    f"{_interval(r[c]['difference'])})" for c in ("unguided", "swapped") if r.get(c)]
-        print(f"localize: {mode} at scale {scale:g}: guided {r['pointing_game']:.2f}; "
-              + "; ".join(controls))
-        for name, r in results[float(scale)][mode]["per_class"].items():
-            print(f"  {mode:>7} {name:<17} hit {r['pointing_game']:.2f}  chance {r['chance']:.2f}"
-                  f"  energy {r['energy_inside']:.2f}  n={r['n']}")
+    plot_sweep(os.path.join(args.out, "guidance_sweep.png"), {str(s): results[s] for s in sweep})
+    _print_summary(results, cases, scales, scale)
     print(f"localize: results and figures in {args.out}")
     return 0

@@ -118,6 +118,21 @@ def test_unguided_round_trip_returns_the_image():
     assert float(np.max(np.abs(np.asarray(back) - x0))) < 0.05
 
 
+def test_plain_decode_is_the_guided_decode_at_scale_zero():
+    """`ddim_decode` (no classifier gradient) against the guided decode at s = 0 (1e-6) and the
+    float64 reference at s = 0 (1e-4, as `test_translate_matches_float64_numpy`)."""
+    mu, x0, eps_fn = gaussian_model()
+    w, b, logit_fn = linear_classifier()
+    grid = sampling.ddim_grid(1000, 400, 8)
+    x_L = jax.jit(lambda x: sampling.ddim_encode(eps_fn, x, ALPHA_BAR, grid))(x0)
+    plain = jax.jit(lambda x: sampling.ddim_decode(eps_fn, x, ALPHA_BAR, grid))(x_L)
+    guided = jax.jit(lambda x: sampling.guided_ddim_decode(eps_fn, logit_fn, x, ALPHA_BAR, grid,
+                                                           1, 1.0, 0.0))(x_L)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(guided), atol=1e-6)
+    want = numpy_translate(mu.astype(np.float64), w, b, x0, grid, 1, 1.0, 0.0)
+    np.testing.assert_allclose(np.asarray(plain), want, rtol=1e-4, atol=1e-4)
+
+
 def test_guided_eps_is_the_closed_form():
     _, x0, eps_fn = gaussian_model()
     w, b, logit_fn = linear_classifier()
@@ -215,3 +230,26 @@ def test_reconstruction_reference_subtracts_the_unguided_decode(heatmap_setup):
     with pytest.raises(ValueError, match="unknown heatmaps.reference 'x1'"):
         make_heatmap_fn(eps_fn, logit_fn, ALPHA_BAR, "Left", CLASSES, level=400, num_steps=6,
                         scale=3.0, reference="x1")
+
+
+def test_translation_pieces_with_per_row_targets_equal_the_heatmap_program(heatmap_setup):
+    """The localization check's use of the one path: encode once, one decode with a different
+    target per row, against the compiled program's per-target outputs (1e-5); the
+    reconstruction piece is the reference of ``reference="reconstruction"``."""
+    fn, x, eps_fn, logit_fn, (translated, raw) = heatmap_setup
+    t, eps, logit = fn.translation, fn.eps_fn, fn.logit_fn      # model closures as pytrees
+    x_L = jax.jit(t.encode)(eps, x)
+    k = np.arange(len(x)) % len(fn.targets)                       # row r -> target k[r]
+    index = np.array([fn.targets[j].index for j in k], np.int32)
+    direction = np.array([fn.targets[j].direction for j in k], np.float32)
+    x_c, heat = jax.jit(t.decode)(eps, logit, x_L, x, index, direction, fn.scale)
+    rows = np.arange(len(x))
+    np.testing.assert_allclose(np.asarray(x_c), np.asarray(translated)[k, rows], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(heat), np.asarray(raw)[rows, ..., k], atol=1e-5)
+    recon = jax.jit(t.reconstruct)(eps, x_L)
+    rec_fn = make_heatmap_fn(eps_fn, logit_fn, ALPHA_BAR, "Left,no:Right,No Finding", CLASSES,
+                             level=400, num_steps=6, scale=3.0, smooth_sigma=1.0,
+                             image_shape=(H, W, 1), reference="reconstruction")
+    _, rec_raw = rec_fn(x)
+    _, rec_heat = jax.jit(t.decode)(eps, logit, x_L, recon, index, direction, fn.scale)
+    np.testing.assert_allclose(np.asarray(rec_heat), np.asarray(rec_raw)[rows, ..., k], atol=1e-5)

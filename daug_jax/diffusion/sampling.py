@@ -112,6 +112,28 @@ def guided_eps(eps_fn: EpsFn, logit_fn: LogitFn, x: jax.Array, t, alpha_bar_t,
     return eps - scale * jnp.sqrt(1.0 - alpha_bar_t) * grad
 
 
+def _walk(eps_at, x: jax.Array, levels, unroll: int | bool) -> jax.Array:
+    """DDIM steps (eta = 0) over ``levels = (t_from [S], ab_from [S], ab_to [S])``, up or down the
+    grid; ``eps_at(x, t, alpha_bar_t)`` is the noise estimate of each step (guided or not)."""
+    def step(x, level):
+        t_from, ab_from, ab_to = level
+        return ddim_step(x, eps_at(x, t_from, ab_from), ab_from, ab_to), None
+
+    x, _ = lax.scan(step, x, levels, unroll=unroll)
+    return x
+
+
+def _unguided(eps_fn: EpsFn):
+    """The plain noise estimate as a walk's ``eps_at``."""
+    return lambda x, t_from, _: eps_fn(x, _levels_of(x, t_from))
+
+
+def _down(alpha_bar, grid) -> tuple:
+    """The levels of a walk from ``grid[-1]`` down to ``grid[0]`` (see `_walk`)."""
+    t, ab = grid_levels(alpha_bar, grid)
+    return jnp.asarray(t[:0:-1]), ab[:0:-1], ab[-2::-1]
+
+
 def ddim_encode(eps_fn: EpsFn, x0: jax.Array, alpha_bar, grid, *,
                 unroll: int | bool = 1) -> jax.Array:
     """Deterministic DDIM from ``grid[0]`` up to ``L = grid[-1]`` without guidance.
@@ -121,13 +143,18 @@ def ddim_encode(eps_fn: EpsFn, x0: jax.Array, alpha_bar, grid, *,
     """
     chex.assert_rank(x0, 4)
     t, ab = grid_levels(alpha_bar, grid)
+    return _walk(_unguided(eps_fn), x0, (jnp.asarray(t[:-1]), ab[:-1], ab[1:]), unroll)
 
-    def up(x, level):
-        t_from, ab_from, ab_to = level
-        return ddim_step(x, eps_fn(x, _levels_of(x, t_from)), ab_from, ab_to), None
 
-    x_L, _ = lax.scan(up, x0, (jnp.asarray(t[:-1]), ab[:-1], ab[1:]), unroll=unroll)
-    return x_L
+def ddim_decode(eps_fn: EpsFn, x_L: jax.Array, alpha_bar, grid, *,
+                unroll: int | bool = 1) -> jax.Array:
+    """Deterministic DDIM from ``L = grid[-1]`` down to ``grid[0]`` without guidance: after
+    `ddim_encode`, the film's reconstruction.  x_L: [B, H, W, C] -> [B, H, W, C].
+
+    Equal to `guided_ddim_decode` at ``scale = 0``, without computing a classifier gradient.
+    """
+    chex.assert_rank(x_L, 4)
+    return _walk(_unguided(eps_fn), x_L, _down(alpha_bar, grid), unroll)
 
 
 def guided_ddim_decode(eps_fn: EpsFn, logit_fn: LogitFn, x_L: jax.Array, alpha_bar, grid,
@@ -135,19 +162,15 @@ def guided_ddim_decode(eps_fn: EpsFn, logit_fn: LogitFn, x_L: jax.Array, alpha_b
     """Deterministic DDIM from ``L = grid[-1]`` down to ``grid[0]`` with classifier guidance.
 
     x_L: [B, H, W, C]; target_index, direction, scale as in `guided_eps` (may be traced, so
-    the decode can be vmapped over targets).  ``scale = 0`` is the plain DDIM decode.
-    Returns the translated image: [B, H, W, C].
+    the decode can be vmapped over targets).  ``scale = 0`` is `ddim_decode`, at the cost of a
+    classifier gradient per step.  Returns the translated image: [B, H, W, C].
     """
     chex.assert_rank(x_L, 4)
-    t, ab = grid_levels(alpha_bar, grid)
 
-    def down(x, level):
-        t_from, ab_from, ab_to = level
-        eps = guided_eps(eps_fn, logit_fn, x, t_from, ab_from, target_index, direction, scale)
-        return ddim_step(x, eps, ab_from, ab_to), None
+    def eps_at(x, t_from, ab_from):
+        return guided_eps(eps_fn, logit_fn, x, t_from, ab_from, target_index, direction, scale)
 
-    x0, _ = lax.scan(down, x_L, (jnp.asarray(t[:0:-1]), ab[:0:-1], ab[-2::-1]), unroll=unroll)
-    return x0
+    return _walk(eps_at, x_L, _down(alpha_bar, grid), unroll)
 
 
 def translate(eps_fn: EpsFn, logit_fn: LogitFn, x0: jax.Array, alpha_bar, grid,
