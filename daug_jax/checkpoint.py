@@ -87,6 +87,20 @@ class Checkpointer:
         """The newest saved step (not checked for damage: restoring it may fall back)."""
         return self._manager.latest_step()
 
+    def latest_meta(self) -> dict | None:
+        """The JSON metadata of the newest step, read without the state (None when there is no
+        checkpoint or its metadata does not read: restoring will then fall back)."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        try:
+            with _quiet_orbax():
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception:  # noqa: BLE001 - a damaged step is reported by the restore that follows
+            return None
+        return dict(restored.meta or {})
+
     def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
         """Saves when ``step`` is on the save interval (or ``force``); returns whether it did."""
         saved = self._manager.save(

@@ -141,9 +141,21 @@ def class_sigmoid_loss(image_emb, class_emb, labels, mask, scale, bias,
     chex.assert_shape(mask, expected, custom_message=f"mask must be [B, C] = {expected}")
     scale, bias = _scalar(scale, "class scale"), _scalar(bias, "class bias")
 
-    logits = class_logits(image_emb, class_emb, scale, bias, form)  # [B, C]
+    return masked_bce(class_logits(image_emb, class_emb, scale, bias, form), labels, mask)
+
+
+def masked_bce(logits, labels, mask) -> jax.Array:
+    """Mask-weighted mean sigmoid cross-entropy: Σ m · BCE(z, y) / max(Σ m, 1), float32 scalar.
+
+    logits, labels, mask: [B, C]; labels 1 = present, 0 = absent; mask 1 = counted, 0 = ignored
+    (fractional weights allowed), e.g. from `labels_and_mask`.  The loss of the image-class term
+    and of the noise-aware classifier: one label convention for both.
+    """
+    chex.assert_equal_shape([logits, labels, mask])
+    logits, labels, mask = _f32(logits), _f32(labels), _f32(mask)
     # Masked labels are replaced by 0 before the cross-entropy: whatever was there (NaN for a
-    # missing CheXpert label, say) must not leak into the value or, via 0 * NaN, the gradient.
+    # missing CheXpert label, say) must not leak into the value or, via 0 * NaN, the gradient;
+    # where(), not multiply, for the same reason with an extreme logit.
     counted = mask > 0
     labels = jnp.where(counted, labels, 0.0)
     per_entry = optax.sigmoid_binary_cross_entropy(logits, labels)  # [B, C]

@@ -4,7 +4,8 @@ Guided translation (encode with DDIM, decode with classifier guidance) lives in
 `daug_jax.diffusion.sampling`; models are trained and loaded through `daug_jax.diffusion.train`.
 """
 
-from daug_jax.diffusion.classifier import NoiseAwareClassifier, masked_bce
+from daug_jax.diffusion.classifier import NoiseAwareClassifier
+from daug_jax.losses import masked_bce  # the classifier's loss: the towers' label convention
 from daug_jax.diffusion.schedule import (SCHEDULES, alphas_cumprod, betas, ddim_step, eps_loss,
                                          q_sample, timestep_grid)
 from daug_jax.diffusion.unet import UNet, timestep_embedding

@@ -13,7 +13,6 @@ from typing import Sequence
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
-import optax
 
 from daug_jax.diffusion.unet import (AttentionBlock, Downsample, Dtype, ResBlock, TimeEmbedding,
                                      _conv, _norm)
@@ -53,20 +52,3 @@ class NoiseAwareClassifier(nn.Module):
         h = nn.silu(_norm(h.shape[-1], g, dt)(h))
         h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))              # [B, C_last]
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(h)
-
-
-def masked_bce(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """Mean sigmoid cross-entropy over the counted labels.
-
-    logits: [B, K] float; labels: [B, K] float in {0, 1} and mask: [B, K] float in {0, 1}, both
-    from `daug_jax.losses.labels_and_mask` (the towers' label convention: uncertain and blank
-    labels masked under the same policy); a masked entry contributes neither to the value nor to
-    the gradient.  Returns a float32 scalar (0 when nothing is counted).
-    """
-    chex.assert_equal_shape([logits, labels, mask])
-    known = mask > 0
-    targets = jnp.where(known, labels, 0).astype(jnp.float32)
-    per_entry = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets)
-    # where(), not multiply: a masked entry must not leak inf/nan from an extreme logit.
-    total = jnp.sum(jnp.where(known, per_entry, 0.0))
-    return total / jnp.maximum(jnp.sum(known), 1)

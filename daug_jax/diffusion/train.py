@@ -1,11 +1,11 @@
 """Training the epsilon-UNet and the noise-aware classifier, and loading them back.
 
-Both trainers share one loop (`_fit`): a pure ``step(state, batch, key) -> (state, metrics)``
-under ``jax.jit`` (state replicated, batch split on the mesh's "data" axis, state donated),
-streamed batches from `data.pipeline.train_batches` (a pure function of (seed, step)) and PRNG keys folded from the step inside the step, so a run
-restored from its latest orbax checkpoint continues exactly as an uninterrupted one would.
-The loss goes to ``<workdir>/log.jsonl`` and the tqdm bar every ``log_every`` steps; metrics are
-fetched from the device only then, so the loop never waits on the accelerator in between.
+Both train through the shared loop (`daug_jax.loop`): a pure ``step(state, batch, key) ->
+(state, metrics)`` under ``jax.jit`` (state replicated, batch split on the mesh's "data" axis,
+state donated) over streamed batches (`data.pipeline.train_batches`, a pure function of (seed,
+step)); PRNG keys are folded from the step inside the step, so a run restored from its latest
+orbax checkpoint continues exactly as an uninterrupted one would.  Every step's metrics go to
+``<workdir>/log.jsonl``, written every ``log_every`` steps.
 
 ``<workdir>/meta.json`` (also stored in every checkpoint) records the config, the image shape
 and the class names, so a model is rebuilt from its workdir alone and a mismatching image gives
@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import os
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -29,18 +28,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm import tqdm
 
-from daug_jax import parallel
+from daug_jax import loop, parallel
 from daug_jax.checkpoint import Checkpointer
 from daug_jax.data.pipeline import BatchReader, train_batches
-from daug_jax.diffusion.classifier import NoiseAwareClassifier, masked_bce
-from daug_jax.diffusion.schedule import alphas_cumprod, eps_loss, q_sample
+from daug_jax.diffusion.classifier import NoiseAwareClassifier
+from daug_jax.diffusion.schedule import alphas_cumprod
 from daug_jax.diffusion.unet import UNet
 from daug_jax.files import write_text
-from daug_jax.guard import check_finite, keep_if_finite
-
-State = dict  # {"step": int32 [], "params", "opt_state", and "ema" for the diffusion model}
+from daug_jax.diffusion.steps import (  # noqa: F401  (the steps: re-exported)
+    State, classifier_step_fn, diffusion_step_fn, init_state)
 
 # RngBitGenerator-backed keys: on XLA:CPU, compiling the default (partitionable threefry) random
 # ops of a UNet init took ~3x longer (measured 75 s vs 22 s); the stream stays a pure function
@@ -72,9 +69,9 @@ def make_classifier(config: ml_collections.ConfigDict, num_classes: int) -> Nois
 
 def make_optimizer(tcfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW after global-norm clipping, linear warmup then constant rate (safe to extend a run)."""
-    lr = optax.warmup_constant_schedule(0.0, tcfg.learning_rate, max(1, tcfg.warmup_steps))
-    return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip),
-                       optax.adamw(lr, weight_decay=tcfg.weight_decay))
+    tx, _ = loop.adamw(learning_rate=tcfg.learning_rate, warmup=max(1, tcfg.warmup_steps),
+                       grad_clip=tcfg.grad_clip, weight_decay=tcfg.weight_decay)
+    return tx
 
 
 def alpha_bar_of(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -82,113 +79,42 @@ def alpha_bar_of(config: ml_collections.ConfigDict) -> np.ndarray:
     return alphas_cumprod(config.diffusion.schedule, config.diffusion.num_steps).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- train steps
-def init_state(module, tx, image_shape: Sequence[int], key: jax.Array, *, ema: bool) -> State:
-    """Fresh parameters (from a [1, H, W, C] dummy), optimizer state and optional EMA copy."""
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    params = module.init(key, x, jnp.zeros((1,), jnp.int32))["params"]
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    if ema:
-        state["ema"] = jax.tree.map(jnp.copy, params)  # own buffers: the step donates both
-    return state
-
-
-def diffusion_step_fn(module: UNet, tx, alpha_bar: Any, ema_decay: float, *,
-                      skip_nonfinite: bool = False) -> Callable:
-    """``step(state, batch, key)``: one epsilon-MSE update at uniform random levels, plus EMA.
-
-    batch["image"]: [B, H, W, C] float32 in [0, 1] (mapped to [-1, 1] here, on device).
-    """
-    num_steps = alpha_bar.shape[0]
-
-    def step(state: State, batch: dict, key: jax.Array):
-        x0 = batch["image"] * 2.0 - 1.0
-        k_t, k_eps = jax.random.split(jax.random.fold_in(key, state["step"]))
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, num_steps)
-        noise = jax.random.normal(k_eps, x0.shape, x0.dtype)
-        x_t = q_sample(x0, t, noise, alpha_bar)
-
-        def loss_fn(params):
-            return eps_loss(module.apply({"params": params}, x_t, t), noise)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # Warm-started decay (TF's num_updates rule): short CPU runs would otherwise keep a
-        # large share of the random initialisation in the EMA weights.
-        n = state["step"].astype(jnp.float32)
-        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-        ema = optax.incremental_update(params, state["ema"], 1.0 - decay)
-        grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm}
-        if skip_nonfinite:
-            (params, opt_state, ema), metrics["skipped"] = keep_if_finite(
-                loss, grad_norm, (params, opt_state, ema),
-                (state["params"], state["opt_state"], state["ema"]))
-        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}
-        return new, metrics
-
-    return step
-
-
-def classifier_step_fn(module: NoiseAwareClassifier, tx, alpha_bar: Any,
-                       max_level: int, *, skip_nonfinite: bool = False) -> Callable:
-    """``step(state, batch, key)``: masked BCE on x_t at levels uniform in [0, max_level].
-
-    batch["image"]: [B, H, W, C] float32 in [0, 1]; batch["labels"], batch["label_mask"]: [B, K]
-    float32 in {0, 1} (`daug_jax.losses.labels_and_mask`, the towers' label convention).
-    """
-    def step(state: State, batch: dict, key: jax.Array):
-        x0 = batch["image"] * 2.0 - 1.0
-        labels, mask = batch["labels"], batch["label_mask"]
-        k_t, k_eps = jax.random.split(jax.random.fold_in(key, state["step"]))
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, max_level + 1)
-        x_t = q_sample(x0, t, jax.random.normal(k_eps, x0.shape, x0.dtype), alpha_bar)
-
-        def loss_fn(params):
-            logits = module.apply({"params": params}, x_t, t)
-            return masked_bce(logits, labels, mask), logits
-
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        known = mask > 0
-        hits = jnp.where(known, (logits > 0) == (labels > 0.5), False)
-        acc = jnp.sum(hits) / jnp.maximum(jnp.sum(known), 1)
-        grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm}
-        if skip_nonfinite:
-            (params, opt_state), metrics["skipped"] = keep_if_finite(
-                loss, grad_norm, (params, opt_state), (state["params"], state["opt_state"]))
-        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        return new, metrics
-
-    return step
-
-
 @functools.lru_cache(maxsize=8)
-def _programs(kind: str, spec: str, mesh) -> tuple[Any, Callable, Callable]:
-    """``(module, init, step)`` jitted for the model/optimizer described by ``spec`` (JSON).
+def _model_fns(kind: str, spec: str) -> tuple[Any, Callable, Callable, dict]:
+    """``(module, init(key, shape), step(state, batch, key), batch fields)`` for the
+    model/optimizer described by ``spec`` (JSON), as plain functions.
 
-    Cached on the spec because XLA:CPU needs tens of seconds per UNet compile: resuming, or
-    training a second time in the same process, reuses the compiled programs.
+    Kept per spec so that the same function objects come back: jitting them again (a resumed
+    run, or loading a model just trained in the same process) reuses JAX's traced and compiled
+    programs instead of another tens-of-seconds UNet compile on XLA:CPU.
     """
     cfg = ml_collections.ConfigDict(json.loads(spec))
     tx, alpha_bar = make_optimizer(cfg.train), alpha_bar_of(cfg)
     skip = bool(cfg.train.get("skip_nonfinite", False))  # see `daug_jax.guard`
-    rep, split = parallel.replicated(mesh), parallel.data_sharding(mesh)
     if kind == "diffusion":
         module = make_unet(cfg)
         step = diffusion_step_fn(module, tx, alpha_bar, cfg.train.ema_decay, skip_nonfinite=skip)
-        batch_spec = {"image": split}
+        fields = ("image",)
     else:
         module = make_classifier(cfg, cfg.num_classes)
         step = classifier_step_fn(module, tx, alpha_bar, cfg.max_level, skip_nonfinite=skip)
-        batch_spec = {"image": split, "labels": split, "label_mask": split}
-    init = jax.jit(lambda key, shape: init_state(module, tx, shape, key, ema=kind == "diffusion"),
-                   static_argnums=1, out_shardings=rep)
-    step = jax.jit(step, in_shardings=(rep, batch_spec, rep), out_shardings=(rep, rep),
-                   donate_argnums=0)
+        fields = ("image", "labels", "label_mask")
+    init = functools.partial(_init, module, tx, ema=kind == "diffusion")
+    return module, init, step, fields
+
+
+def _init(module, tx, key, shape, *, ema):
+    return init_state(module, tx, shape, key, ema=ema)
+
+
+def _programs(kind: str, spec: str, mesh) -> tuple[Any, Callable, Callable]:
+    """``(module, init, step)``: `_model_fns` jitted for ``mesh`` (state replicated, batch split
+    over its "data" axis, state donated)."""
+    module, init, step, fields = _model_fns(kind, spec)
+    rep, split = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    init = jax.jit(init, static_argnums=1, out_shardings=rep)
+    step = jax.jit(step, in_shardings=(rep, {k: split for k in fields}, rep),
+                   out_shardings=(rep, rep), donate_argnums=0)
     return module, init, step
 
 
@@ -218,19 +144,14 @@ def _json(obj: Any) -> Any:
     return json.loads(json.dumps(obj))  # tuples -> lists, so stored and fresh metas compare equal
 
 
-def _check_resume(saved: dict, meta: dict, workdir: str) -> None:
-    """A checkpoint may only be resumed by the same kind of model, architecture, schedule and data shape."""
-    for key in ("kind", "image_shape", "class_names"):
-        if saved.get(key) != meta.get(key):
-            raise ValueError(f"{workdir}: checkpoint has {key}={saved.get(key)!r}, this run has "
-                             f"{meta.get(key)!r}; use another --workdir")
+def _compared(meta: dict) -> dict:
+    """What a checkpoint and the run resuming it must share: the kind of model, the data's
+    shape and classes, the schedule and the architecture."""
+    fields = {k: meta.get(k) for k in ("kind", "image_shape", "class_names")}
     for section in ("diffusion", meta["model_section"]):
-        old, new = saved["config"].get(section) or {}, meta["config"].get(section) or {}
-        diff = [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        if diff:
-            raise ValueError(f"{workdir}: the checkpoint was trained with another config "
-                             f"({'; '.join(diff)}); use another --workdir")
+        for k, v in (meta["config"].get(section) or {}).items():
+            fields[f"{section}.{k}"] = v
+    return fields
 
 
 def check_image_shape(config: ml_collections.ConfigDict, x: Any) -> None:
@@ -248,21 +169,19 @@ def _abstract_state(init: Callable, image_shape: tuple, mesh) -> Any:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- training
 def _fit(*, name: str, spec: str, meta: dict, reader: BatchReader,
          tcfg: ml_collections.ConfigDict, workdir: str) -> State:
-    """Trains from the latest checkpoint in ``workdir`` (or from scratch) up to ``tcfg.steps``."""
+    """Trains from the latest checkpoint in ``workdir`` (or from scratch) up to ``tcfg.steps``
+    with the shared loop (`daug_jax.loop`)."""
     mesh = parallel.make_mesh()
     _, init, step = _programs(meta["kind"], spec, mesh)
     image_shape = tuple(meta["image_shape"])
-    fields = ("image", "labels", "label_mask") if meta["kind"] == "classifier" else ("image",)
+    fields = _model_fns(meta["kind"], spec)[3]
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tcfg.save_every)
-    meta_path, log_path = os.path.join(workdir, "meta.json"), os.path.join(workdir, "log.jsonl")
-    if ckpt.latest_step() and os.path.exists(meta_path):
-        with open(meta_path) as f:  # before restoring: a changed architecture would not fit
-            _check_resume(json.load(f), meta, workdir)
     # Restored before the stream starts: a damaged newest checkpoint falls back to an older step.
-    state, _, start = ckpt.restore_or(_abstract_state(init, image_shape, mesh))
+    state, start = loop.resume(ckpt, _abstract_state(init, image_shape, mesh), meta, _compared,
+                               workdir)
     batches = train_batches(reader, int(tcfg.batch_size), seed=int(tcfg.seed), start_step=start,
                             num_threads=int(tcfg.get("input_threads", 2)))
     first = next(batches)  # bad input fails here, before anything is written
@@ -272,53 +191,20 @@ def _fit(*, name: str, spec: str, meta: dict, reader: BatchReader,
     os.makedirs(workdir, exist_ok=True)
     if not start:
         state = init(prng_key(tcfg.seed), image_shape)
-    lead = jax.process_index() == 0
-    if lead:
-        write_text(meta_path, json.dumps(meta, indent=1))
-        if os.path.exists(log_path):  # rows past the restored step are recomputed below
-            with open(log_path) as f:
-                rows = [r for r in f if r.strip() and json.loads(r)["step"] <= start]
-            write_text(log_path, "".join(rows))
-
+    if jax.process_index() == 0:
+        write_text(os.path.join(workdir, "meta.json"), json.dumps(meta, indent=1))
     # Created by a jitted program so that every process holds its shard of the replicated key
     # (device_put of a host value onto a multi-process sharding is refused).
     key = jax.jit(lambda: prng_key(tcfg.seed + 1), out_shardings=parallel.replicated(mesh))()
-    pending, rows, t_first, saved = [], [], None, start or None
-    bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc=name,
-               disable=not lead)
-    for i in bar:
-        host = first if i == start else next(batches)
-        batch = parallel.shard_batch({k: host[k] for k in fields}, mesh)
-        state, metrics = step(state, batch, key)
-        pending.append((i + 1, metrics))
-        if i == start:
-            jax.block_until_ready(metrics)   # the first step includes compilation
-            t_first = time.perf_counter()
-        done = i + 1
-        logs = done % tcfg.log_every == 0 or done == tcfg.steps
-        saves = done % tcfg.save_every == 0 or done == tcfg.steps
-        if logs or saves:
-            # Checked before anything is saved: a checkpoint never holds a non-finite update.
-            rows += [{"step": s, **{k: float(v) for k, v in m.items()}}
-                     for s, m in jax.device_get(pending)]
-            pending = []
-            check_finite(rows, name=name, workdir=workdir, last_saved=saved)
-        if logs:
-            if lead:
-                with open(log_path, "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
-                bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
-            rows = []
-        if saves:
-            ckpt.save(done, state, meta, force=True)
-            saved = done
-    bar.close()
-    ckpt.close()
-    if t_first is not None and tcfg.steps - start > 1 and lead:
-        jax.block_until_ready(state)
-        per = (time.perf_counter() - t_first) / (tcfg.steps - start - 1)
-        tqdm.write(f"{name}: steps {start}->{tcfg.steps}, {per:.3f} s/step after compilation "
-                   f"(batch {tcfg.batch_size}, {jax.device_count()} {jax.default_backend()} device(s))")
+
+    def run_step(state, host):
+        return step(state, parallel.shard_batch({k: host[k] for k in fields}, mesh), key)
+
+    job = loop.Job(name=name, workdir=workdir, steps=int(tcfg.steps),
+                   log_every=int(tcfg.log_every), save_every=int(tcfg.save_every),
+                   log_file="log.jsonl")
+    state, _ = loop.fit(job, state, run_step, batches, start=start, ckpt=ckpt, meta=meta,
+                        first=first)
     return state
 
 
