@@ -8,6 +8,7 @@ Modules are imported lazily so that ``daug-jax data show`` does not pay for impo
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # Longest match wins: "bench heatmaps" before "bench".
@@ -45,6 +46,19 @@ def _message(err: BaseException) -> str:
     return " ".join(str(text).split()) or type(err).__name__
 
 
+def _use_compilation_cache(module, argv: list[str]) -> None:
+    """Turns on JAX's persistent compilation cache where the command keeps it (a stage module's
+    ``compilation_cache_dir(argv)``), unless JAX_COMPILATION_CACHE_DIR already chose one.
+    Process-wide settings belong here, at the entry point, never in library functions."""
+    where = getattr(module, "compilation_cache_dir", None)
+    if where is None:
+        return
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(where(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; user errors end as ``daug-jax <command>: error: ...`` and exit status 2
     (``--debug`` anywhere on the line shows their traceback instead)."""
@@ -55,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         name = " ".join(argv[:n_words])
         if len(argv) >= n_words and name in COMMANDS:
             module = importlib.import_module(COMMANDS[name][0])
+            _use_compilation_cache(module, argv[n_words:])
             try:
                 return int(module.main(name, argv[n_words:]) or 0)
             except USER_ERRORS as err:

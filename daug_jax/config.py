@@ -85,6 +85,7 @@ _RULES = {
         "clip_weight", "dropout", "ema_decay")},
     "percentile": (lambda v: _number(v) and 0 < v <= 100, "a number in (0, 100]"),
     "sweep_scales": (lambda v: all(_number(s) and s >= 0 for s in v), "numbers >= 0"),
+    "sweep_levels": (lambda v: len(v) > 0 and all(_count(s) for s in v), "integers >= 0"),
     "train_split": (lambda v: isinstance(v, str) and all(p.strip() for p in v.split("+")),
                     "a split name or a union such as 'train+validation'"),
     "label_policy": (lambda v: v in ("ignore", "ones", "zeros"), "'ignore', 'ones' or 'zeros'"),

@@ -1,7 +1,7 @@
 """``daug-jax demo``: DAug end to end on the built-in benchmark, both ablation settings.
 
     generate films -> train the epsilon-UNet -> train the noise-aware classifier
-      -> guidance scale chosen on validation films -> heatmap channel of every film
+      -> encode level and guidance scale chosen on validation films -> heatmap channel of every film
       -> localization check with its controls -> both ablation settings x seeds as one
       population of towers -> the authors' protocol on test films -> results.json/md, figures
 
@@ -58,9 +58,9 @@ def make_splits(data_config: Any) -> dict[str, dict]:
 
 def _translation_settings(config: Any) -> dict:
     """The heatmap settings shared by the heatmap job and the localization check (all but the
-    guidance scale, which is chosen on validation)."""
+    guidance scale, which is chosen on validation with the level)."""
     h = config.heatmaps
-    return dict(level=h.level, num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
+    return dict(level=int(h.level), num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
                 reference=h.get("reference", "x0"))
 
 
@@ -107,7 +107,7 @@ def localize(config: Any, out: str, films: dict, *, scales: list[float], per_cla
     from daug_jax.data import synthetic
     from daug_jax.heatmaps import load_models
 
-    h, loc = config.heatmaps, config.heatmaps.localization
+    loc = config.heatmaps.localization
     models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
     classes = [c for c in synthetic.LOCALIZED_CLASSES if c in models.class_names]
     regions = {"masks": films["masks"], "sites": films["sites"]}
@@ -124,27 +124,50 @@ def localize(config: Any, out: str, films: dict, *, scales: list[float], per_cla
             for s in scales}
 
 
-def select_scale(config: Any, out: str, validation: dict) -> dict:
-    """The guidance scale with the best mean pointing game over the modes on the validation
-    films (the test films are not looked at); returns {"scale", "sweep": {scale: results}}."""
-    scales = sorted({float(s) for s in config.heatmaps.localization.sweep_scales})
-    sweep = localize(config, out, validation, scales=scales,
-                     per_class=int(config.heatmaps.localization.validation_cases_per_class))
-    mean = {s: sum(r["pointing_game"] for r in sweep[str(s)].values()) / len(sweep[str(s)])
-            for s in scales}
-    best = max(scales, key=lambda s: (mean[s], -s))  # ties: the weaker guidance
+def margin_over_controls(result: dict) -> float:
+    """Mean over the modes of the guided map's pointing game minus its strongest control's (the
+    unguided map, or the guidance towards another class): how much of the localization the
+    guidance itself makes, rather than the DDIM inversion error or any change at all."""
+    margins = []
+    for r in result.values():
+        controls = [r[c]["pointing_game"] for c in ("unguided", "swapped") if r.get(c)]
+        margins.append(r["pointing_game"] - max(controls, default=0.0))
+    return sum(margins) / len(margins)
+
+
+def select_guidance(config: Any, out: str, validation: dict) -> dict:
+    """The encode level and guidance scale whose heatmaps beat their controls by the widest
+    mean margin (`margin_over_controls`) on the validation films (the test films are not looked
+    at); returns {"level", "scale", "criterion", "margin", "mean_pointing_game",
+    "classifier_auroc", "sweep": {"L<level>/s<scale>": {mode: result}}}."""
+    loc = config.heatmaps.localization
+    levels = sorted({int(v) for v in loc.get("sweep_levels", (config.heatmaps.level,))})
+    scales = sorted({float(s) for s in loc.sweep_scales})
+    sweep = {}
+    for level in levels:
+        at_level = ml_collections.ConfigDict(config.to_dict())
+        at_level.heatmaps.level = level
+        results = localize(at_level, out, validation, scales=scales,
+                           per_class=int(loc.validation_cases_per_class))
+        sweep.update({f"L{level}/s{s:g}": results[str(s)] for s in scales})
+    margin = {k: margin_over_controls(r) for k, r in sweep.items()}
+    mean = {k: sum(m["pointing_game"] for m in r.values()) / len(r) for k, r in sweep.items()}
+    # Ties: the weaker guidance, then the lower level (less to undo).
+    grid = [(level, s) for level in levels for s in scales]
+    level, scale = max(grid, key=lambda g: (margin[f"L{g[0]}/s{g[1]:g}"], -g[1], -g[0]))
     from daug_jax.data import synthetic
     from daug_jax.diffusion.strength import classifier_auroc
     from daug_jax.heatmaps import load_models
 
     # Where the guidance can act: the classifier's AUROC on noised validation films.
     models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
-    level = int(config.heatmaps.level)
     strength = classifier_auroc(models, validation["image"] * 2.0 - 1.0, validation["labels"],
-                                synthetic.CLASS_NAMES, levels=(0, level // 2, level))
-    return {"scale": best, "criterion": "mean pointing game over modes, validation split",
-            "mean_pointing_game": {str(s): v for s, v in mean.items()},
-            "classifier_auroc": strength, "sweep": sweep}
+                                synthetic.CLASS_NAMES, levels=(0, *levels))
+    return {"level": level, "scale": scale,
+            "criterion": "mean over modes of the pointing game minus its strongest control "
+                         "(unguided, class-swapped), validation split",
+            "margin": margin, "mean_pointing_game": mean, "classifier_auroc": strength,
+            "sweep": sweep}
 
 
 def run_towers(config: Any, out: str, splits: dict[str, dict],
@@ -229,11 +252,13 @@ def write_report(out: str, config: Any, summary: dict, loc: dict, selection: dic
     lines = ["# DAug demo results", "",
              f"Synthetic benchmark, {d.image_size} px; {d.num_train} training films (the towers' "
              f"training set and the retrieval gallery), {d.num_validation} validation films (the "
-             f"guidance scale, {selection['scale']:g}, chosen there), {d.num_test} test films "
+             f"encode level {selection['level']} and guidance scale {selection['scale']:g}, chosen "
+             f"there), {d.num_test} test films "
              f"(every figure below); seeds {list(summary['seeds'])}: mean ± sample std over "
              "seeds, effects as paired differences over seeds with a 95 % t-interval.", "",
              ablation.markdown_tables(summary, TABLE_KEYS), *effect_sentences(summary), "",
-             f"## Localization (pointing game, test films, guidance scale {selection['scale']:g})",
+             f"## Localization (pointing game, test films, level {selection['level']}, guidance scale "
+             f"{selection['scale']:g})",
              "", *_localization_lines(loc), "", "## Time per stage (s)", "",
              "| " + " | ".join(timing) + " |", "|" + " --- |" * len(timing),
              "| " + " | ".join(f"{v:.0f}" for v in timing.values()) + " |"]
@@ -265,8 +290,9 @@ def run_demo(config: Any) -> dict:
             os.path.join(out, "classifier"), class_names=synthetic.CLASS_NAMES)
     with timer.stage("selection"):
         selection = _cached(os.path.join(out, "selection.json"),
-                            lambda: select_scale(config, out, splits["validation"]))
+                            lambda: select_guidance(config, out, splits["validation"]))
     scale = float(selection["scale"])
+    config.heatmaps.level = int(selection["level"])  # the heatmaps and their check use it
     with timer.stage("heatmaps"):
         heatmaps = make_heatmaps(config, out, splits, scale)
     with timer.stage("localization"):
@@ -296,13 +322,25 @@ def _cached(path: str, compute) -> Any:
     return read_json(path)
 
 
-def main(command: str, argv: list[str]) -> int:
+def compilation_cache_dir(argv: list[str]) -> str:
+    """Where the CLI keeps this command's compiled programs: ``<out>/xla_cache``, so that a
+    resumed demo compiles nothing it compiled before (on a 2-core CPU compilation is a large
+    part of the demo's time)."""
+    args, _ = _parser("demo").parse_known_args(argv)
+    return os.path.join(args.out or ("runs/quick" if args.quick else "runs/demo"), "xla_cache")
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test (< 60 s)")
     parser.add_argument("--out", help="output directory (default runs/demo, runs/quick with --quick)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of experiments/demo.py, e.g. --set seeds=(0,1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(command: str, argv: list[str]) -> int:
+    args = _parser(command).parse_args(argv)
     parallel.maybe_initialize_distributed()
     from daug_jax.config import apply_overrides, validate
     from experiments import demo as demo_config
@@ -313,14 +351,6 @@ def main(command: str, argv: list[str]) -> int:
     validate(config.diffusion)
     if args.out:
         config.out = args.out
-    import jax
-
-    # Compiled programs persist under <out>/xla_cache (unless JAX_COMPILATION_CACHE_DIR says
-    # otherwise): a resumed demo compiles nothing it compiled before.  On a 2-core CPU
-    # compilation is a large part of the demo's time.
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.abspath(os.path.join(config.out, "xla_cache")))
     start = time.perf_counter()
     run_demo(config)
     print(f"\ndemo: finished in {time.perf_counter() - start:.0f} s (this run); results in "

@@ -44,6 +44,8 @@ def test_quick_demo_writes_every_result(tmp_path):
         assert set(loc["unguided"]) >= {"pointing_game", "chance", "per_class", "difference"}
     assert set(results["timing_s"]) == set(demo.STAGES)
     assert results["selection"]["scale"] in config.heatmaps.localization.sweep_scales
+    assert results["selection"]["level"] in config.heatmaps.localization.sweep_levels
+    assert results["config"]["heatmaps"]["level"] == results["selection"]["level"]
     assert results["config"]["data"]["num_train"] == config.data.num_train
     with open(os.path.join(out, "results.md")) as f:
         table = f.read()
