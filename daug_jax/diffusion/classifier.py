@@ -14,8 +14,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from daug_jax.diffusion.unet import (AttentionBlock, Downsample, Dtype, ResBlock, TimeEmbedding,
-                                     _conv, _norm)
+from daug_jax.diffusion.unet import Dtype, ResBlock, TimeEmbedding, _conv, _norm, down_path
 
 
 class NoiseAwareClassifier(nn.Module):
@@ -40,14 +39,7 @@ class NoiseAwareClassifier(nn.Module):
         chex.assert_shape(t, (x.shape[0],))
         g, dt = self.norm_groups, self.dtype
         temb = TimeEmbedding(4 * self.ch, dtype=dt)(t)
-        h = _conv(self.ch, dt)(x.astype(dt))
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, g, dt)(h, temb)
-                if h.shape[1] in self.attention_resolutions:
-                    h = AttentionBlock(self.num_heads, g, dt)(h)
-            if level != len(self.channel_mult) - 1:
-                h = Downsample(dt)(h)
+        h, _ = down_path(self, _conv(self.ch, dt)(x.astype(dt)), temb)
         h = ResBlock(h.shape[-1], g, dt)(h, temb)
         h = nn.silu(_norm(h.shape[-1], g, dt)(h))
         h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))              # [B, C_last]

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -123,6 +124,29 @@ class Upsample(nn.Module):
         return _conv(x.shape[-1], self.dtype)(x)
 
 
+def down_path(module: nn.Module, h: jax.Array, temb: jax.Array) -> tuple[jax.Array, list]:
+    """The encoder half the UNet and the classifier share, called inside ``module``'s compact
+    ``__call__`` (its blocks are ``module``'s submodules, named in creation order).
+
+    module: a `UNet` or `NoiseAwareClassifier` (``ch``, ``channel_mult``, ``num_res_blocks``,
+    ``attention_resolutions``, ``num_heads``, ``norm_groups``, ``dtype``); h: [B, H, W, ch] after
+    the stem; temb: [B, 4 ch].  Returns (h [B, H / 2^(L-1), W / 2^(L-1), ch * channel_mult[-1]],
+    skips: every intermediate activation, for the UNet's up path).
+    """
+    g, dt = module.norm_groups, module.dtype
+    skips = [h]
+    for level, mult in enumerate(module.channel_mult):
+        for _ in range(module.num_res_blocks):
+            h = ResBlock(module.ch * mult, g, dt)(h, temb)
+            if h.shape[1] in module.attention_resolutions:
+                h = AttentionBlock(module.num_heads, g, dt)(h)
+            skips.append(h)
+        if level != len(module.channel_mult) - 1:
+            h = Downsample(dt)(h)
+            skips.append(h)
+    return h, skips
+
+
 class UNet(nn.Module):
     """Epsilon predictor ``eps_theta(x_t, t)``.
 
@@ -158,17 +182,7 @@ class UNet(nn.Module):
         g, dt = self.norm_groups, self.dtype
         temb = TimeEmbedding(4 * self.ch, dtype=dt)(t)
 
-        h = _conv(self.ch, dt)(x.astype(dt))
-        skips = [h]
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, g, dt)(h, temb)
-                if h.shape[1] in self.attention_resolutions:
-                    h = AttentionBlock(self.num_heads, g, dt)(h)
-                skips.append(h)
-            if level != len(self.channel_mult) - 1:
-                h = Downsample(dt)(h)
-                skips.append(h)
+        h, skips = down_path(self, _conv(self.ch, dt)(x.astype(dt)), temb)
 
         h = ResBlock(h.shape[-1], g, dt)(h, temb)
         if self.attention_resolutions:
