@@ -4,7 +4,9 @@ Each model supplies a jitted, pure ``step(state, batch) -> (state, metrics)`` an
 host batches that is a pure function of (seed, step) (`data.pipeline.train_batches`); the loop
 owns everything else, the same way for all three:
 
-* the optimizer (`adamw`: global-norm clipping, AdamW, warm-up then constant or cosine rate);
+* the optimizer (`adamw`: global-norm clipping, AdamW, warm-up then constant or cosine rate)
+  and its update inside every step (`apply_update`: optional projection, EMA or BatchNorm
+  statistics that follow the parameters, the non-finite skip);
 * resuming (`resume`): the metadata of the newest checkpoint is compared with this run's
   *before* anything is restored, so a changed architecture is refused with the changed fields
   named instead of failing inside orbax; the restored step's metadata is checked again;
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from daug_jax import files
 from daug_jax.checkpoint import Checkpointer
-from daug_jax.guard import check_finite
+from daug_jax.guard import check_finite, keep_if_finite
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -52,6 +54,30 @@ def adamw(*, learning_rate: float, warmup: int, grad_clip: float, weight_decay: 
     if frozen is not None:
         tx = optax.chain(optax.masked(optax.set_to_zero(), frozen), tx)
     return tx, schedule
+
+
+def apply_update(tx: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any,
+                 loss: jax.Array, *, skip_nonfinite: bool = False, project: Callable | None = None,
+                 follow: tuple[Callable, Any] | None = None) -> tuple[Any, Any, Any, dict]:
+    """One optimizer update inside a jitted step: ``(params, opt_state, followed, metrics)``.
+
+    project(params) -> params: applied after the update (e.g. the CLIP scale's clamp);
+    follow: (fn(new params) -> pytree, its old value): state that moves with the parameters
+    (EMA weights, BatchNorm statistics) — kept or rolled back with them; metrics: ``grad_norm``
+    and, with ``skip_nonfinite``, ``skipped`` (1.0 when a non-finite loss or gradient norm left
+    everything as it was, `guard.keep_if_finite`).
+    """
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if project is not None:
+        new_params = project(new_params)
+    fn, old = follow if follow is not None else (lambda p: (), ())
+    followed = fn(new_params)
+    metrics = {"grad_norm": optax.tree.norm(grads)}
+    if skip_nonfinite:
+        (new_params, new_opt, followed), metrics["skipped"] = keep_if_finite(
+            loss, metrics["grad_norm"], (new_params, new_opt, followed), (params, opt_state, old))
+    return new_params, new_opt, followed, metrics
 
 
 # ----------------------------------------------------------------------------- resume

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 
 from daug_jax import loop, parallel
-from daug_jax.guard import keep_if_finite
 from daug_jax.losses import hybrid_contrastive_loss
 from daug_jax.models.two_tower import TwoTower, clamp_logit_scale
 
@@ -127,16 +126,11 @@ def make_train_step(model: TwoTower, tx: optax.GradientTransformation, schedule:
 
         (loss, (parts, scalars, batch_stats)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = clamp_logit_scale(optax.apply_updates(state.params, updates),
-                                   model.max_logit_scale)
-        grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, **parts, **scalars, "grad_norm": grad_norm,
-                   "lr": schedule(state.step)}
-        if skip_nonfinite:
-            (params, batch_stats, opt_state), metrics["skipped"] = keep_if_finite(
-                loss, grad_norm, (params, batch_stats, opt_state),
-                (state.params, state.batch_stats, state.opt_state))
+        params, opt_state, batch_stats, update = loop.apply_update(
+            tx, state.params, state.opt_state, grads, loss, skip_nonfinite=skip_nonfinite,
+            project=lambda p: clamp_logit_scale(p, model.max_logit_scale),
+            follow=(lambda _: batch_stats, state.batch_stats))
+        metrics = {"loss": loss, **parts, **scalars, **update, "lr": schedule(state.step)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, metrics

@@ -15,7 +15,7 @@ import optax
 from daug_jax.diffusion.classifier import NoiseAwareClassifier
 from daug_jax.diffusion.schedule import eps_loss, q_sample
 from daug_jax.diffusion.unet import UNet
-from daug_jax.guard import keep_if_finite
+from daug_jax.loop import apply_update
 from daug_jax.losses import masked_bce
 
 State = dict  # {"step": int32 [], "params", "opt_state", and "ema" for the diffusion model}
@@ -40,33 +40,38 @@ def diffusion_step_fn(module: UNet, tx, alpha_bar: Any, ema_decay: float, *,
     num_steps = alpha_bar.shape[0]
 
     def step(state: State, batch: dict, key: jax.Array):
-        x0 = batch["image"] * 2.0 - 1.0
-        k_t, k_eps = jax.random.split(jax.random.fold_in(key, state["step"]))
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, num_steps)
-        noise = jax.random.normal(k_eps, x0.shape, x0.dtype)
-        x_t = q_sample(x0, t, noise, alpha_bar)
+        x_t, t, noise = _noised(batch["image"], key, state["step"], alpha_bar, num_steps - 1)
 
         def loss_fn(params):
             return eps_loss(module.apply({"params": params}, x_t, t), noise)
 
+        def ema(params):
+            # Warm-started decay (TF's num_updates rule): short CPU runs would otherwise keep a
+            # large share of the random initialisation in the EMA weights.
+            n = state["step"].astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+            return optax.incremental_update(params, state["ema"], 1.0 - decay)
+
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # Warm-started decay (TF's num_updates rule): short CPU runs would otherwise keep a
-        # large share of the random initialisation in the EMA weights.
-        n = state["step"].astype(jnp.float32)
-        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-        ema = optax.incremental_update(params, state["ema"], 1.0 - decay)
-        grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm}
-        if skip_nonfinite:
-            (params, opt_state, ema), metrics["skipped"] = keep_if_finite(
-                loss, grad_norm, (params, opt_state, ema),
-                (state["params"], state["opt_state"], state["ema"]))
-        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}
-        return new, metrics
+        params, opt_state, ema_params, update = apply_update(
+            tx, state["params"], state["opt_state"], grads, loss, skip_nonfinite=skip_nonfinite,
+            follow=(ema, state["ema"]))
+        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+               "ema": ema_params}
+        return new, {"loss": loss, **update}
 
     return step
+
+
+def _noised(image: jax.Array, key: jax.Array, step: jax.Array, alpha_bar: Any,
+            max_level: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Films [B, H, W, C] in [0, 1] -> (x_t, t [B] uniform in [0, max_level], the noise): the
+    step's draws, from ``key`` folded with the step number."""
+    x0 = image * 2.0 - 1.0
+    k_t, k_eps = jax.random.split(jax.random.fold_in(key, step))
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, max_level + 1)
+    noise = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    return q_sample(x0, t, noise, alpha_bar), t, noise
 
 
 def classifier_step_fn(module: NoiseAwareClassifier, tx, alpha_bar: Any,
@@ -77,28 +82,20 @@ def classifier_step_fn(module: NoiseAwareClassifier, tx, alpha_bar: Any,
     float32 in {0, 1} (`daug_jax.losses.labels_and_mask`, the towers' label convention).
     """
     def step(state: State, batch: dict, key: jax.Array):
-        x0 = batch["image"] * 2.0 - 1.0
         labels, mask = batch["labels"], batch["label_mask"]
-        k_t, k_eps = jax.random.split(jax.random.fold_in(key, state["step"]))
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, max_level + 1)
-        x_t = q_sample(x0, t, jax.random.normal(k_eps, x0.shape, x0.dtype), alpha_bar)
+        x_t, t, _ = _noised(batch["image"], key, state["step"], alpha_bar, max_level)
 
         def loss_fn(params):
             logits = module.apply({"params": params}, x_t, t)
             return masked_bce(logits, labels, mask), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt_state, _, update = apply_update(
+            tx, state["params"], state["opt_state"], grads, loss, skip_nonfinite=skip_nonfinite)
         known = mask > 0
         hits = jnp.where(known, (logits > 0) == (labels > 0.5), False)
         acc = jnp.sum(hits) / jnp.maximum(jnp.sum(known), 1)
-        grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm}
-        if skip_nonfinite:
-            (params, opt_state), metrics["skipped"] = keep_if_finite(
-                loss, grad_norm, (params, opt_state), (state["params"], state["opt_state"]))
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        return new, metrics
+        return new, {"loss": loss, "accuracy": acc, **update}
 
     return step
