@@ -45,7 +45,7 @@ class ChexpertCxrConfig(tfds.core.BuilderConfig):
             self.name = name
 
 
-class ChexpertCxr(tfds.core.ShardBasedBuilder):
+class ChexpertCxr(rc.DropCountingBuilder):
     """CheXpert radiographs with the 14 labeller observations (no reports)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -117,11 +117,6 @@ class ChexpertCxr(tfds.core.ShardBasedBuilder):
                 view = row["AP/PA"].strip() or row["Frontal/Lateral"].strip()
                 planned.append((path, view, label))
         return planned
-
-    def _download_and_prepare(self, dl_manager, download_config=None):
-        super()._download_and_prepare(dl_manager, download_config)
-        rc.drop_empty_splits(self.info)
-        rc.finish_drop_counts(f"{self.name}/{self.builder_config.name}", self.info, self._drops)
 
     def _generate_shard(self, root, split, items):
         """One shard's records; an image that cannot be decoded is counted as dropped."""

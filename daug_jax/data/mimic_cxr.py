@@ -117,7 +117,7 @@ class MimicCxrConfig(tfds.core.BuilderConfig):
             self.name = name
 
 
-class MimicCxr(tfds.core.ShardBasedBuilder):
+class MimicCxr(rc.DropCountingBuilder):
     """MIMIC-CXR-JPG radiographs with report sections and CheXpert labels."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -202,11 +202,6 @@ class MimicCxr(tfds.core.ShardBasedBuilder):
             else:
                 planned.append((dicom, study, subject, positions[dicom], labels[study]))
         return planned
-
-    def _download_and_prepare(self, dl_manager, download_config=None):
-        super()._download_and_prepare(dl_manager, download_config)
-        rc.drop_empty_splits(self.info)
-        rc.finish_drop_counts(f"{self.name}/{self.builder_config.name}", self.info, self._drops)
 
     def _generate_shard(self, root, split, items):
         """One shard's records: reads the reports, decodes the images (either may drop one)."""

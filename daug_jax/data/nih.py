@@ -145,7 +145,7 @@ class NihCxr14Config(tfds.core.BuilderConfig):
             self.name = f"{self.image_size}px"
 
 
-class NihCxr14(tfds.core.ShardBasedBuilder):
+class NihCxr14(rc.DropCountingBuilder):
     """NIH ChestX-ray14 films with 15 labels and per-class box masks (no reports)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -246,11 +246,6 @@ class NihCxr14(tfds.core.ShardBasedBuilder):
                     planned[split].append((index, images[index], entry[1],
                                            tuple(boxes.get(index, ()))))
         return planned
-
-    def _download_and_prepare(self, dl_manager, download_config=None):
-        super()._download_and_prepare(dl_manager, download_config)
-        rc.drop_empty_splits(self.info)
-        rc.finish_drop_counts(f"{self.name}/{self.builder_config.name}", self.info, self._drops)
 
     def _generate_shard(self, split, items):
         """One shard's records; an image that cannot be decoded is counted as dropped."""

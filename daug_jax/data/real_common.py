@@ -261,6 +261,19 @@ def finish_drop_counts(name: str, info: tfds.core.DatasetInfo,
     log_drop_counts(name, info)
 
 
+class DropCountingBuilder(tfds.core.ShardBasedBuilder):
+    """The real builders' common end of a build: splits left empty by the drops are removed,
+    and every split's drop counts (``self._drops``, from `new_drop_counts`) are stored in the
+    metadata and logged.  Abstract (no ``_info``): TFDS registers only its subclasses."""
+
+    _drops: dict
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        super()._download_and_prepare(dl_manager, download_config)
+        drop_empty_splits(self.info)
+        finish_drop_counts(f"{self.name}/{self.builder_config.name}", self.info, self._drops)
+
+
 def log_drop_counts(name: str, info: tfds.core.DatasetInfo) -> None:
     """Logs how many records each split kept and dropped, by reason."""
     for split, counts in info.metadata.get("dropped", {}).items():
