@@ -279,20 +279,12 @@ def main(command: str, argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="towers", help="experiments/<name>.py or a .py path")
-    parser.add_argument("--workdir", default="runs/towers")
-    registry.add_data_args(parser)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set train.steps=100 (repeatable)")
+    registry.add_run_args(parser, config="towers", workdir="runs/towers",
+                          example="train.steps=100")
     parser.add_argument("--until-step", type=int, default=None,
                         help="stop after this step; rerun to continue")
     args = parser.parse_args(argv)
-    parallel.maybe_initialize_distributed()
-    from daug_jax.config import load_config
-
-    config = load_config(args.config, args.set)
-    registry.apply_data_args(config, args)
-    dataset = registry.open_dataset(config.data)
+    config, dataset = registry.open_run(args)
     if uses_reports(config) and not dataset.has_reports:
         raise ValueError(f"{dataset.name} has no reports: train class-only towers with "
                          f"--set train.clip_weight=0")

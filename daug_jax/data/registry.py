@@ -182,6 +182,28 @@ def apply_data_args(config: Any, args) -> None:
     config.data.name = canonical_name(config.data.get("name", None))
 
 
+def add_run_args(parser, *, config: str, workdir: str, example: str) -> None:
+    """The training commands' arguments: ``--config NAME --workdir DIR --data NAME --data-dir
+    DIR --set KEY=VALUE ...`` (``example``: an override shown in the help)."""
+    parser.add_argument("--config", default=config, help="experiments/<name>.py or a .py path")
+    parser.add_argument("--workdir", default=workdir)
+    add_data_args(parser)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"config override, e.g. --set {example} (repeatable)")
+
+
+def open_run(args) -> tuple[Any, Dataset]:
+    """``(config, dataset)`` of a training command's parsed `add_run_args` (joins the
+    distributed runtime first when the environment asks for it)."""
+    from daug_jax import parallel
+    from daug_jax.config import load_config
+
+    parallel.maybe_initialize_distributed()
+    config = load_config(args.config, args.set)
+    apply_data_args(config, args)
+    return config, open_dataset(config.data)
+
+
 def main(command: str, argv: list[str]) -> int:
     """``daug-jax data prepare {chexpert_cxr,mimic_cxr,nih_cxr14} --manual-dir M --data-dir D``."""
     import argparse

@@ -287,22 +287,15 @@ def load_classifier(workdir: str, mesh=None) -> tuple[NoiseAwareClassifier, Any,
 
 # ----------------------------------------------------------------------------- CLI
 def main(command: str, argv: list[str]) -> int:
-    from daug_jax.config import load_config
     from daug_jax.data import registry
     from daug_jax.lock import workdir_lock
 
     kind = "classifier" if command == "train-classifier" else "diffusion"
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}")
-    parser.add_argument("--config", default="diffusion", help="experiments/<name>.py or a .py path")
-    parser.add_argument("--workdir", default=f"runs/{kind}")
-    registry.add_data_args(parser)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set unet_train.steps=200 (repeatable)")
+    registry.add_run_args(parser, config="diffusion", workdir=f"runs/{kind}",
+                          example="unet_train.steps=200")
     args = parser.parse_args(argv)
-    parallel.maybe_initialize_distributed()
-    config = load_config(args.config, args.set)
-    registry.apply_data_args(config, args)
-    dataset = registry.open_dataset(config.data)
+    config, dataset = registry.open_run(args)
     source = dataset.source(config.data.get("train_split", "train"))
     with workdir_lock(args.workdir, what=command):  # one run per workdir
         if kind == "diffusion":
