@@ -126,7 +126,7 @@ def _guidance(models, mode_target: str, classes: np.ndarray, data_classes, swapp
 def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, *,
                     scales: Sequence[float], level: int, num_steps: int, smooth_sigma: float,
                     batch_size: int, data_classes: Sequence[str], modes: dict | None = None,
-                    reference: str = "x0") -> dict:
+                    reference: str = "x0", swapped_modes: Sequence[str] | None = None) -> dict:
     """Guided translations and raw heatmaps of every case at every scale, with two controls.
 
     images: [N, H, W, 1] float32 in [-1, 1]; modes: `modes_for` output, which says each mode's
@@ -134,7 +134,8 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
     against (`heatmaps.REFERENCES`).  Controls: "unguided" — the map of the unguided DDIM
     reconstruction against the film, |DDIM(x0) − x0| (what a map holds without any guidance:
     the inversion error), and "swapped" — the same films guided the mode's way towards another
-    finding (`swapped_classes`), at each scale.  Returns ``{"scales": {scale: {mode:
+    finding (`swapped_classes`), at each scale, for the modes in ``swapped_modes`` (default:
+    every mode; the others get None).  Returns ``{"scales": {scale: {mode:
     {"translated": [M, H, W, 1], "heatmap": [M, H, W], "swapped": [M, H, W] or None}}},
     "unguided": {mode: [M, H, W]}}`` (numpy).  Every film is encoded once (`heatmaps.Translation`).
     """
@@ -161,7 +162,8 @@ def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, 
         for mode in cases:
             img, cls, target = cases[mode]["image"], cases[mode]["class"], modes[mode][-1]
             x_c, heat = run(img, *_guidance(models, target, cls, data_classes, False), scale)
-            other = swapped_classes(cls)
+            other = (swapped_classes(cls) if swapped_modes is None or mode in swapped_modes
+                     else None)
             swapped = None if other is None else run(
                 img, *_guidance(models, target, other, data_classes, True), scale)[1]
             out["scales"][float(scale)][mode] = {"translated": x_c, "heatmap": heat,

@@ -57,3 +57,12 @@ def test_quick_demo_writes_every_result(tmp_path):
         again = json.load(f)
     assert again["timing_s"] == results["timing_s"]
     assert again["settings"] == results["settings"]
+
+
+def test_margin_over_controls_subtracts_each_modes_strongest_control():
+    game = lambda v: {"pointing_game": v}  # noqa: E731
+    result = {"anomaly": {**game(0.8), "unguided": game(0.5), "swapped": game(0.9)},
+              "channel": {**game(0.9), "unguided": game(0.85), "swapped": None},
+              "site": {**game(0.7), "unguided": game(0.4), "swapped": game(0.6)}}
+    # anomaly and channel against their unguided maps only; site against the stronger of both.
+    assert demo.margin_over_controls(result) == pytest.approx((0.3 + 0.05 + 0.1) / 3)
