@@ -6,7 +6,7 @@ or a population vmapped over members) and by the benchmark (`daug_jax.bench_prog
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -50,11 +50,9 @@ def make_optimizer(train_config: Any) -> tuple[optax.GradientTransformation, opt
                       decay_mask=weight_decay_mask, frozen=frozen)
 
 
-def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Array,
-                 example: dict, class_tokens: tuple, config: Any, mesh: Any) -> TrainState:
-    """Fresh parameters (replicated on ``mesh``) for inputs shaped like ``example`` (one row of
-    the training arrays) and ``class_tokens``."""
-    compiler_options = compiler_options_of(config)
+def _init_fn(model: TwoTower, example: dict, class_tokens: tuple):
+    """``init(key) -> (params, batch_stats)`` for inputs shaped like ``example`` (one row of the
+    training arrays) and ``class_tokens``."""
     # Zeros of the inputs' shapes: the initial parameters depend on shapes only, and a program
     # without the data in it is the same program for every run of this shape (compiled once).
     zeros = lambda a: jnp.zeros(a.shape, a.dtype)  # noqa: E731
@@ -65,16 +63,37 @@ def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Arr
                                train=False)
         return variables["params"], variables.get("batch_stats", {})
 
-    params, batch_stats = jax.jit(init, out_shardings=parallel.replicated(mesh),
-                                  compiler_options=compiler_options)(key)
+    return init
+
+
+def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Array,
+                 example: dict, class_tokens: tuple, config: Any, mesh: Any) -> TrainState:
+    """Fresh parameters (replicated on ``mesh``) for inputs shaped like ``example`` (one row of
+    the training arrays) and ``class_tokens``."""
+    stacked = create_states(model, tx, key[None], example, class_tokens, [config], mesh)
+    return jax.tree.map(lambda a: a[0], stacked)
+
+
+def create_states(model: TwoTower, tx: optax.GradientTransformation, keys: jax.Array,
+                  example: dict, class_tokens: tuple, configs: Sequence[Any],
+                  mesh: Any) -> TrainState:
+    """Fresh states of M runs of one model shape, every leaf [M, ...] (replicated on ``mesh``):
+    one init, traced once and vmapped over ``keys`` [M] (threefry keys draw under vmap what each
+    draws alone), then each run's pretrained tower weights, if its config names any."""
+    rep = parallel.replicated(mesh)
+    params, batch_stats = jax.jit(jax.vmap(_init_fn(model, example, class_tokens)),
+                                  out_shardings=rep,
+                                  compiler_options=compiler_options_of(configs[0]))(keys)
     from daug_jax.models.backbones import load_pretrained
 
-    loaded = load_pretrained(params, config.model, model)  # checkpoint weights, if any
-    if loaded is not params:
-        params = parallel.replicate(loaded, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params)
-    return TrainState(step=parallel.replicate(jnp.zeros((), jnp.int32), mesh), params=params,
-                      batch_stats=batch_stats, opt_state=opt_state)
+    first = jax.tree.map(lambda a: a[0], params)
+    if load_pretrained(first, configs[0].model, model) is not first:  # checkpoint weights
+        params = parallel.replicate(jax.tree.map(lambda *a: jnp.stack(a), *[
+            load_pretrained(jax.tree.map(lambda a: a[m], params), c.model, model)
+            for m, c in enumerate(configs)]), mesh)
+    opt_state = jax.jit(jax.vmap(tx.init), out_shardings=rep)(params)
+    return TrainState(step=parallel.replicate(jnp.zeros((len(configs),), jnp.int32), mesh),
+                      params=params, batch_stats=batch_stats, opt_state=opt_state)
 
 
 def step_constants(class_tokens: tuple, config: Any, key: jax.Array) -> dict:

@@ -41,7 +41,7 @@ from daug_jax.models.two_tower import (  # noqa: F401  (assemble_images, bert_co
 from daug_jax.tower_inputs import (class_names_of, make_reader, make_tokenizer, open_heatmaps,
                                    report_corpus, uses_reports)
 from daug_jax.tower_step import (  # noqa: F401  (the step's pieces: re-exported)
-    TrainState, create_state, make_optimizer, make_train_step, step_constants,
+    TrainState, create_state, create_states, make_optimizer, make_train_step, step_constants,
     compiler_options_of, weight_decay_mask)
 
 
@@ -168,15 +168,13 @@ def _same(meta: dict) -> dict:
 
 def _initial_states(model, tx, members, configs, example, class_tokens, mesh):
     """Every member's fresh state and step constants, stacked on a leading member axis."""
-    states, consts = [], []
     impl = configs[0].train.get("prng_impl", "threefry2x32")
-    for member, cfg in zip(members, configs):  # one compiled init, run once per member
-        root = jax.random.key(member["seed"], impl=impl)
-        init_key, step_key = jax.random.split(root)
-        states.append(create_state(model, tx, init_key, example, class_tokens, cfg, mesh))
-        consts.append(step_constants(class_tokens, cfg, step_key))
-    rep = parallel.replicated(mesh)
-    return tuple(jax.device_put(population.stack(t), rep) for t in (states, consts))
+    keys = [jax.random.split(jax.random.key(m["seed"], impl=impl)) for m in members]
+    state = create_states(model, tx, jnp.stack([k[0] for k in keys]), example, class_tokens,
+                          configs, mesh)
+    consts = population.stack([step_constants(class_tokens, cfg, k[1])
+                               for cfg, k in zip(configs, keys)])
+    return state, jax.device_put(consts, parallel.replicated(mesh))
 
 
 def _population_step(model, tx, schedule, config, consts, chunks, mesh):
