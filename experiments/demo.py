@@ -48,7 +48,7 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
     # vs 0.194 there at scale 10; 0.174 vs 0.243 on 8 films per class) and is left out for time; 10 moves
     # instead of 5 (twice the cost) did not help (L = 500, scale 3: 0.97 vs 0.86); measuring
     # against the unguided reconstruction (heatmaps.reference) was worse everywhere (channel
-    # 0.68-0.85, below its unguided map).
+    # 0.57-0.85, below its unguided map).
     config.heatmaps.localization.update(sweep_levels=(300, 500),
                                         sweep_scales=(3.0, 10.0, 30.0),
                                         validation_cases_per_class=8)
