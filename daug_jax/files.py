@@ -27,6 +27,12 @@ def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
+def as_json(obj: Any) -> Any:
+    """``obj`` as JSON stores and reads it back (tuples become lists), so that a fresh value and
+    a stored one compare equal."""
+    return json.loads(json.dumps(obj))
+
+
 def read_json(path: str, default: Any = None) -> Any:
     """``path``'s JSON, or ``default`` when there is no such file."""
     if not os.path.exists(path):

@@ -29,7 +29,7 @@ from flax import serialization
 from tqdm import tqdm
 
 from daug_jax.data import pipeline
-from daug_jax.files import pause_for_test, write_json
+from daug_jax.files import as_json, pause_for_test, write_json
 from daug_jax.heatmaps import (HeatmapFn, calibrate_scale, init_models, load_models,
                                make_heatmap_fn, scale_heatmaps, to_model_space,
                                translate_python_loop)
@@ -114,7 +114,7 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
 def _store_metadata(out_dir: str, meta: dict) -> dict:
     """Writes ``metadata.json`` (as JSON reads it back) unless the directory holds heatmaps made
     with other settings, which are refused rather than mixed in."""
-    meta = json.loads(json.dumps(meta))
+    meta = as_json(meta)
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, _METADATA)
     if os.path.exists(meta_path):
@@ -243,7 +243,7 @@ def calibrate(heatmap_fn: HeatmapFn, source: Any, out_dir: str, *, num_images: i
     path = os.path.join(out_dir, _CALIBRATION)
     settings = {**heatmap_fn.settings(), "num_images": int(min(num_images, len(source))),
                 "percentile": float(percentile)}
-    settings = json.loads(json.dumps(settings))
+    settings = as_json(settings)
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)

@@ -85,33 +85,24 @@ def check_resume(saved: Mapping[str, Any], fields: Mapping[str, Any], workdir: s
     """Raises if ``saved`` (the compared fields of a checkpoint's run) differs from ``fields``
     (this run's), naming every changed field; fields the checkpoint lacks are not compared."""
     diff = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in fields.items()
-            if k in saved and _plain(saved[k]) != _plain(v)]
+            if k in saved and files.as_json(saved[k]) != files.as_json(v)]
     if diff:
         raise ValueError(f"{workdir}: the checkpoint was trained with another configuration "
                          f"({'; '.join(diff)}); use another --workdir")
 
 
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))  # tuples -> lists: stored and fresh values compare equal
-
-
-def check_newest(ckpt: Checkpointer, meta: dict, compared: Callable[[dict], dict],
-                 workdir: str) -> None:
-    """`check_resume` of this run's ``meta`` against the newest checkpoint's, if any (nothing is
-    restored)."""
+def resume(ckpt: Checkpointer, template: Any, meta: dict, workdir: str,
+           compared: Callable[[dict], dict] = lambda meta: meta) -> tuple[Any, int]:
+    """``(state, step)`` to continue from: the newest checkpoint that reads, or ``(template,
+    0)``.  compared: meta -> the fields that must match between the checkpoint and this run
+    (`check_resume`; default: all of the metadata), checked on the newest checkpoint's
+    metadata before anything is restored, and on the restored step's (an older one when the
+    newest was damaged)."""
     newest = ckpt.latest_meta()
     if newest is not None:
         check_resume(compared(newest), compared(meta), workdir)
-
-
-def resume(ckpt: Checkpointer, template: Any, meta: dict,
-           compared: Callable[[dict], dict], workdir: str) -> tuple[Any, int]:
-    """``(state, step)`` to continue from: the newest checkpoint that reads, or ``(template,
-    0)``.  compared: meta -> the fields that must match between the checkpoint and this run
-    (`check_resume`), checked on the newest checkpoint's metadata before restoring."""
-    check_newest(ckpt, meta, compared, workdir)
     state, saved, start = ckpt.restore_or(template)
-    if start:  # a damaged newest step fell back to an older one: check what was restored
+    if start:
         check_resume(compared(saved), compared(meta), workdir)
     return state, start
 

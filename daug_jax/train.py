@@ -133,18 +133,17 @@ def _fit(config, members, source, workdir, *, class_names, heatmaps, until_step,
             "members": members, "image_shape": [int(s) for s in first["image"].shape[2:4]]}
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                         save_every=int(train_cfg.checkpoint_every))
-    loop.check_newest(ckpt, meta, _same, workdir)  # before this run's files replace the old
-    saved = ml_collections.ConfigDict(config.to_dict())
-    saved.model.class_names = names  # resolved: `load_towers` needs no data
-    _write_text(os.path.join(workdir, "config.json"), saved.to_json(indent=2))
-    _write_text(os.path.join(workdir, "members.json"), json.dumps(members, indent=2))
-
     mesh = parallel.make_mesh()
     model = build_two_tower(config.model, bert_config(config.model.text, len(tokenizer)))
     tx, schedule = make_optimizer(train_cfg)
     example = {k: v[0, :1] for k, v in first.items()}
     state, consts = _initial_states(model, tx, members, configs, example, class_tokens, mesh)
-    state, start = loop.resume(ckpt, state, meta, _same, workdir)
+    state, start = loop.resume(ckpt, state, meta, workdir)
+    # Written once the metadata check passed: a refused run leaves the old run's files alone.
+    saved = ml_collections.ConfigDict(config.to_dict())
+    saved.model.class_names = names  # resolved: `load_towers` needs no data
+    _write_text(os.path.join(workdir, "config.json"), saved.to_json(indent=2))
+    _write_text(os.path.join(workdir, "members.json"), json.dumps(members, indent=2))
     if start:  # resumed: the stream restarts at the restored step
         batches, first = stream(start), None
     chunks = population.Chunks(len(members), train_cfg.get("member_chunk"))
@@ -159,11 +158,6 @@ def _fit(config, members, source, workdir, *, class_names, heatmaps, until_step,
                                 batches, start=start, stop=until_step, ckpt=ckpt, meta=meta,
                                 first=first, saved_view=chunks.join, progress=progress)
     return chunks.join(parts), histories
-
-
-def _same(meta: dict) -> dict:
-    """What a checkpoint and the run resuming it must share: all of the towers' metadata."""
-    return meta
 
 
 def _initial_states(model, tx, members, configs, example, class_tokens, mesh):

@@ -33,7 +33,7 @@ def _run(workdir, *, stop=None, average=False, limit=1e9, meta=None, members=("r
     meta = meta or {"shape": [2]}
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=3)
     template = {"w": jnp.zeros(2), "limit": jnp.float32(limit)}
-    state, start = loop.resume(ckpt, template, meta, lambda m: m, workdir)
+    state, start = loop.resume(ckpt, template, meta, workdir)
     job = loop.Job(name="toy", workdir=workdir, steps=8, log_every=2, save_every=3,
                    log_file="log.jsonl", average=average, members=members)
     return loop.fit(job, state, lambda s, b: _step(s, b), _batches(start), start=start,
@@ -77,7 +77,7 @@ def test_resume_refuses_another_configuration_before_restoring(tmp_path):
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=3)
     with pytest.raises(ValueError, match=r"\(shape: \[2\] -> \[5\]\); use another --workdir"):
         loop.resume(ckpt, {"w": jnp.zeros(5), "limit": jnp.float32(0)}, {"shape": [5]},
-                    lambda m: m, workdir)
+                    workdir)
     assert ckpt.latest_meta() == {"shape": [2]}
     ckpt.close()
     loop.check_resume({"shape": [2]}, {"shape": (2,), "new": 1}, workdir)  # tuples == lists;

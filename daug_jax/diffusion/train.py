@@ -35,7 +35,7 @@ from daug_jax.data.pipeline import BatchReader, train_batches
 from daug_jax.diffusion.classifier import NoiseAwareClassifier
 from daug_jax.diffusion.schedule import alphas_cumprod
 from daug_jax.diffusion.unet import UNet
-from daug_jax.files import write_text
+from daug_jax.files import as_json, write_text
 from daug_jax.diffusion.steps import (  # noqa: F401  (the steps: re-exported)
     State, classifier_step_fn, diffusion_step_fn, init_state)
 
@@ -140,10 +140,6 @@ def _spec(config: ml_collections.ConfigDict, kind: str, num_classes: int = 0) ->
 
 
 # ----------------------------------------------------------------------------- metadata
-def _json(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))  # tuples -> lists, so stored and fresh metas compare equal
-
-
 def _compared(meta: dict) -> dict:
     """What a checkpoint and the run resuming it must share: the kind of model, the data's
     shape and classes, the schedule and the architecture."""
@@ -180,8 +176,8 @@ def _fit(*, name: str, spec: str, meta: dict, reader: BatchReader,
     fields = _model_fns(meta["kind"], spec)[3]
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tcfg.save_every)
     # Restored before the stream starts: a damaged newest checkpoint falls back to an older step.
-    state, start = loop.resume(ckpt, _abstract_state(init, image_shape, mesh), meta, _compared,
-                               workdir)
+    state, start = loop.resume(ckpt, _abstract_state(init, image_shape, mesh), meta, workdir,
+                               _compared)
     batches = train_batches(reader, int(tcfg.batch_size), seed=int(tcfg.seed), start_step=start,
                             num_threads=int(tcfg.get("input_threads", 2)))
     first = next(batches)  # bad input fails here, before anything is written
@@ -222,7 +218,7 @@ def train_diffusion(config: ml_collections.ConfigDict, source: Any, workdir: str
     source: random-access split (`daug_jax.data.registry`, or `ArraySource`) whose records have
     "image" [H, W, C] uint8, or float32 in [0, 1]; read in streamed batches.
     """
-    meta = {"kind": "diffusion", "model_section": "unet", "config": _json(config.to_dict()),
+    meta = {"kind": "diffusion", "model_section": "unet", "config": as_json(config.to_dict()),
             "image_shape": _image_shape(source), "class_names": None}
     state = _fit(name="train-diffusion", spec=_spec(config, "diffusion"), meta=meta,
                  reader=BatchReader(source), tcfg=config.unet_train, workdir=workdir)
@@ -242,7 +238,7 @@ def train_classifier(config: ml_collections.ConfigDict, source: Any, workdir: st
     if len(class_names) != width:
         raise ValueError(f"{len(class_names)} class names {class_names} for {width} label columns")
     spec = _spec(config, "classifier", num_classes=width)
-    meta = {"kind": "classifier", "model_section": "classifier", "config": _json(config.to_dict()),
+    meta = {"kind": "classifier", "model_section": "classifier", "config": as_json(config.to_dict()),
             "image_shape": _image_shape(source), "class_names": class_names}
     reader = BatchReader(source, label_columns=range(width), label_policy=label_policy)
     state = _fit(name="train-classifier", spec=spec, meta=meta, reader=reader,
