@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from daug_jax import loop, parallel
+from daug_jax import loop, parallel, population
 from daug_jax.losses import hybrid_contrastive_loss
 from daug_jax.models.two_tower import TwoTower, clamp_logit_scale
 
@@ -70,8 +70,8 @@ def create_state(model: TwoTower, tx: optax.GradientTransformation, key: jax.Arr
                  example: dict, class_tokens: tuple, config: Any, mesh: Any) -> TrainState:
     """Fresh parameters (replicated on ``mesh``) for inputs shaped like ``example`` (one row of
     the training arrays) and ``class_tokens``."""
-    stacked = create_states(model, tx, key[None], example, class_tokens, [config], mesh)
-    return jax.tree.map(lambda a: a[0], stacked)
+    return population.take(create_states(model, tx, key[None], example, class_tokens, [config],
+                                         mesh), 0)
 
 
 def create_states(model: TwoTower, tx: optax.GradientTransformation, keys: jax.Array,
@@ -86,10 +86,10 @@ def create_states(model: TwoTower, tx: optax.GradientTransformation, keys: jax.A
                                   compiler_options=compiler_options_of(configs[0]))(keys)
     from daug_jax.models.backbones import load_pretrained
 
-    first = jax.tree.map(lambda a: a[0], params)
+    first = population.take(params, 0)
     if load_pretrained(first, configs[0].model, model) is not first:  # checkpoint weights
-        params = parallel.replicate(jax.tree.map(lambda *a: jnp.stack(a), *[
-            load_pretrained(jax.tree.map(lambda a: a[m], params), c.model, model)
+        params = parallel.replicate(population.stack([
+            load_pretrained(population.take(params, m), c.model, model)
             for m, c in enumerate(configs)]), mesh)
     opt_state = jax.jit(jax.vmap(tx.init), out_shardings=rep)(params)
     return TrainState(step=parallel.replicate(jnp.zeros((len(configs),), jnp.int32), mesh),
