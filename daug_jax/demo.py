@@ -58,10 +58,15 @@ def make_splits(data_config: Any) -> dict[str, dict]:
 
 def _translation_settings(config: Any) -> dict:
     """The heatmap settings shared by the heatmap job and the localization check (all but the
-    guidance scale, which is chosen on validation with the level)."""
+    encode level and the guidance scale, which are chosen on validation)."""
     h = config.heatmaps
-    return dict(level=int(h.level), num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
+    return dict(num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
                 reference=h.get("reference", "x0"))
+
+
+def setting_name(level: int, scale: float) -> str:
+    """The key of one (encode level, guidance scale) pair in the selection's results."""
+    return f"L{int(level)}/s{float(scale):g}"
 
 
 def make_heatmaps(config: Any, out: str, splits: dict[str, dict], scale: float) -> dict[str, Any]:
@@ -76,7 +81,7 @@ def make_heatmaps(config: Any, out: str, splits: dict[str, dict], scale: float) 
     models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
     heatmap_fn = make_heatmap_fn(models.eps_fn, models.logit_fn, models.alpha_bar, h.targets,
                                  models.class_names, image_shape=models.image_shape,
-                                 scale=scale, max_level=models.max_level,
+                                 level=int(h.level), scale=scale, max_level=models.max_level,
                                  **_translation_settings(config))
     train_source = ArraySource({k: splits["train"][k] for k in ("id", "image")})
     calibration = calibrate(heatmap_fn, train_source, directory,
@@ -99,11 +104,13 @@ def _source(data: dict):
     return ArraySource({k: data[k] for k in ("image", "labels", "report", "id")})
 
 
-def localize(config: Any, out: str, films: dict, *, scales: list[float], per_class: int,
-             figure: str | None = None, swapped_modes: tuple[str, ...] | None = None) -> dict:
-    """Pointing game of every mode on ``films`` at each of ``scales``, with its unguided and
-    class-swapped controls (`localization.score`; the swapped one for ``swapped_modes``, default
-    every mode); returns {scale: {mode: result}}."""
+def localize(config: Any, out: str, films: dict, *, levels: list[int], scales: list[float],
+             per_class: int, figure: str | None = None,
+             swapped_modes: tuple[str, ...] | None = None) -> dict:
+    """Pointing game of every mode on ``films`` at each encode level x guidance scale, with its
+    unguided and class-swapped controls (`localization.score`; the swapped one for
+    ``swapped_modes``, default every mode); returns {`setting_name`: {mode: result}}.  The
+    models are loaded and the cases drawn once; ``figure`` shows the first setting."""
     from daug_jax import localization
     from daug_jax.data import synthetic
     from daug_jax.heatmaps import load_models
@@ -115,15 +122,18 @@ def localize(config: Any, out: str, films: dict, *, scales: list[float], per_cla
     cases = localization.select_cases(films["labels"], regions, synthetic.CLASS_NAMES, classes,
                                       per_class, int(config.data.seed))
     images = films["image"] * 2.0 - 1.0
-    translated = localization.translate_cases(
-        models, images, cases, scales=scales, batch_size=loc.batch_size,
-        data_classes=synthetic.CLASS_NAMES, swapped_modes=swapped_modes,
-        **_translation_settings(config))
-    if figure:
-        localization.plot_examples(figure, images, cases, translated["scales"][scales[0]],
-                                   synthetic.CLASS_NAMES, loc.examples_per_class)
-    return {str(s): localization.score(translated, s, cases, synthetic.CLASS_NAMES)
-            for s in scales}
+    results = {}
+    for level in levels:
+        translated = localization.translate_cases(
+            models, images, cases, scales=scales, level=int(level), batch_size=loc.batch_size,
+            data_classes=synthetic.CLASS_NAMES, swapped_modes=swapped_modes,
+            **_translation_settings(config))
+        if figure and not results:
+            localization.plot_examples(figure, images, cases, translated["scales"][scales[0]],
+                                       synthetic.CLASS_NAMES, loc.examples_per_class)
+        results.update({setting_name(level, s): localization.score(
+            translated, s, cases, synthetic.CLASS_NAMES) for s in scales})
+    return results
 
 
 # The control each mode has to beat for its localization to be the guidance's: the unguided map
@@ -151,19 +161,14 @@ def select_guidance(config: Any, out: str, validation: dict) -> dict:
     loc = config.heatmaps.localization
     levels = sorted({int(v) for v in loc.get("sweep_levels", (config.heatmaps.level,))})
     scales = sorted({float(s) for s in loc.sweep_scales})
-    sweep = {}
-    for level in levels:
-        at_level = ml_collections.ConfigDict(config.to_dict())
-        at_level.heatmaps.level = level
-        results = localize(at_level, out, validation, scales=scales,
-                           per_class=int(loc.validation_cases_per_class),
-                           swapped_modes=tuple(m for m, c in CONTROLS.items() if "swapped" in c))
-        sweep.update({f"L{level}/s{s:g}": results[str(s)] for s in scales})
+    sweep = localize(config, out, validation, levels=levels, scales=scales,
+                     per_class=int(loc.validation_cases_per_class),
+                     swapped_modes=tuple(m for m, c in CONTROLS.items() if "swapped" in c))
     margin = {k: margin_over_controls(r) for k, r in sweep.items()}
     mean = {k: sum(m["pointing_game"] for m in r.values()) / len(r) for k, r in sweep.items()}
     # Ties: the weaker guidance, then the lower level (less to undo).
     grid = [(level, s) for level in levels for s in scales]
-    level, scale = max(grid, key=lambda g: (margin[f"L{g[0]}/s{g[1]:g}"], -g[1], -g[0]))
+    level, scale = max(grid, key=lambda g: (margin[setting_name(*g)], -g[1], -g[0]))
     from daug_jax.data import synthetic
     from daug_jax.diffusion.strength import classifier_auroc
     from daug_jax.heatmaps import load_models
@@ -305,10 +310,11 @@ def run_demo(config: Any) -> dict:
     with timer.stage("heatmaps"):
         heatmaps = make_heatmaps(config, out, splits, scale)
     with timer.stage("localization"):
+        level = int(selection["level"])
         loc = _cached(os.path.join(out, "localization.json"), lambda: localize(
-            config, out, splits["test"], scales=[scale],
+            config, out, splits["test"], levels=[level], scales=[scale],
             per_class=int(config.heatmaps.localization.cases_per_class),
-            figure=os.path.join(out, "heatmaps.png"))[str(scale)])
+            figure=os.path.join(out, "heatmaps.png"))[setting_name(level, scale)])
     with timer.stage("towers"):
         summary, histories = run_towers(config, out, splits, heatmaps)
     with timer.stage("report"):
