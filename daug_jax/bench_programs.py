@@ -90,7 +90,7 @@ def towers_parts(config: Any, data: dict, workdir: str, *,
     tokenizer = tower_inputs.make_tokenizer(text_cfg, tower_inputs.report_corpus(reader), workdir)
     arrays = tower_inputs.tower_batch(config, tokenizer, reader(range(len(source))))
     length = int(text_cfg.max_length)
-    class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
+    class_tokens = tuple(jnp.asarray(a) for a in text_lib.prompt_tokens(
         tokenizer, class_prompts(list(config.model.class_names),
                                  config.model.get("prompts", "single")), length))
     bert = ttrain.bert_config(text_cfg, len(tokenizer))

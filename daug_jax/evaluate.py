@@ -68,7 +68,7 @@ def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source:
             out[key].append(arrays[key])
         out["id"].append(batch["id"])
     form = config.model.get("prompts", "single")
-    cls_ids, cls_mask = text_lib.tokenize(
+    cls_ids, cls_mask = text_lib.prompt_tokens(
         tokenizer, class_prompts(list(config.model.class_names), form),
         int(config.model.text.max_length))
     scalars = jax.device_get(model.apply(variables, method=TwoTower.scalars))

@@ -101,7 +101,7 @@ def _setup(config, members, source, workdir, class_names, heatmaps):
     reports = report_corpus(reader) if reader.reports and not text_cfg.get("path") else ()
     os.makedirs(workdir, exist_ok=True)
     tokenizer = make_tokenizer(text_cfg, reports, workdir, names)
-    class_tokens = tuple(jnp.asarray(a) for a in text_lib.tokenize(
+    class_tokens = tuple(jnp.asarray(a) for a in text_lib.prompt_tokens(
         tokenizer, class_prompts(names, config.model.get("prompts", "single")),
         int(text_cfg.max_length)))
     return reader, tokenizer, members, configs, names, class_tokens

@@ -21,6 +21,7 @@ from daug_jax.models.text import (
     TextTower,
     load_bert_params,
     load_hf_bert,
+    prompt_tokens,
     small_config,
     tokenize,
     train_wordpiece_tokenizer,
@@ -255,6 +256,11 @@ def test_tower_pooling_shapes_and_padding(tmp_path):
         ref = pooled @ params["proj"]["kernel"].astype(np.float64) + params["proj"]["bias"]
         np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
     assert not np.allclose(outs["cls"], outs["mean"])
+    # Padding cut off (rows 1-2 hold 6 and 1 real tokens; `prompt_tokens` trims class prompts
+    # so) leaves every pooled output as it was.
+    for pooling, tower in towers.items():
+        short = tower.apply({"params": params}, ids[1:, :6], mask[1:, :6])
+        np.testing.assert_allclose(short, outs[pooling][1:], atol=1e-5)
     # Dropout acts only with deterministic=False (which needs an explicit "dropout" key).
     assert not np.allclose(train, outs["mean"])
 
@@ -316,3 +322,14 @@ def test_tokenize_rejects_bad_texts():
         tokenize(tokenizer, ["Cardiomegaly.", None], max_length=8)
     ids, _ = tokenize(tokenizer, np.array(["Cardiomegaly.", "No pneumothorax."]), max_length=8)
     assert ids.shape == (2, 8)
+    # Prompts pad only to the longest of them, and still truncate at max_length.
+    texts = ["Cardiomegaly.", "No pneumothorax.", "Small left pleural effusion."]
+    full, full_mask = tokenize(tokenizer, texts, max_length=20)
+    short, short_mask = prompt_tokens(tokenizer, texts, max_length=20)
+    longest = int(full_mask.sum(1).max())
+    assert 3 < longest < 20 and short.shape == short_mask.shape == (3, longest)
+    np.testing.assert_array_equal(short, full[:, :longest])
+    np.testing.assert_array_equal(short_mask, full_mask[:, :longest])
+    assert prompt_tokens(tokenizer, texts, max_length=4)[0].shape == (3, 4)
+    with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
+        prompt_tokens(tokenizer, ["Effusion.", ""], max_length=8)

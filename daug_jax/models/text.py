@@ -34,7 +34,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from daug_jax.models.text_tokenizer import (  # noqa: F401  (re-exported: callers use text.<name>)
-    SPECIAL_TOKENS, tokenize, train_wordpiece_tokenizer)
+    SPECIAL_TOKENS, prompt_tokens, tokenize, train_wordpiece_tokenizer)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -99,3 +99,16 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[np.
         texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
     )
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def prompt_tokens(tokenizer: Any, prompts: Sequence[str],
+                  max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`tokenize` padded only to the longest prompt (at most ``max_length``): [P, L'] twice.
+
+    Class prompts are a few words, and the text tower masks padding out of both attention and
+    pooling, so the shorter rows give the same embeddings (up to float reassociation) for a
+    fraction of the text tower's work on them in every train step.
+    """
+    ids, mask = tokenize(tokenizer, prompts, max_length)
+    length = int(mask.sum(axis=1).max())
+    return ids[:, :length], mask[:, :length]
