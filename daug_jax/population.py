@@ -93,16 +93,22 @@ class Chunks:
     def __init__(self, num_members: int, chunk: int | None = None):
         size = num_members if not chunk or chunk >= num_members else int(chunk)
         self.slices = [slice(i, min(i + size, num_members)) for i in range(0, num_members, size)]
+        # One compiled program each way: slicing or concatenating leaf by leaf eagerly compiles
+        # one op per (leaf shape, block), ~70 compiles for a 24-member towers state on CPU.
+        self._split = jax.jit(lambda tree: [jax.tree.map(lambda leaf: leaf[sl], tree)
+                                            for sl in self.slices])
+        self._join = jax.jit(lambda parts: jax.tree.map(lambda *leaves: jnp.concatenate(leaves),
+                                                        *parts))
 
     def split(self, tree: Any) -> list:
         """A stacked [M, ...] tree -> one [m, ...] tree per block."""
-        return [jax.tree.map(lambda leaf: leaf[sl], tree) for sl in self.slices]
+        return self._split(tree)
 
     def join(self, parts: Sequence[Any]) -> Any:
         """The inverse of `split`: blocks concatenated back along the member axis."""
         if len(parts) == 1:
             return parts[0]
-        return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *parts)
+        return self._join(list(parts))
 
 
 def batches(configs: Sequence[ml_collections.ConfigDict], members: Sequence[dict],
