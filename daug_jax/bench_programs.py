@@ -80,8 +80,7 @@ def towers_parts(config: Any, data: dict, workdir: str, *,
     prompts' tokens ``(ids, mask)`` [K, L] and the vocabulary size."""
     from daug_jax import tower_inputs
     from daug_jax import train as ttrain
-    from daug_jax.models import text as text_lib
-    from daug_jax.models.two_tower import build_two_tower, class_prompts
+    from daug_jax.models.two_tower import build_two_tower, class_prompt_tokens
 
     init_config = init_config or config
     text_cfg = config.model.text
@@ -89,10 +88,8 @@ def towers_parts(config: Any, data: dict, workdir: str, *,
     reader = tower_inputs.make_reader(config, source, synthetic.CLASS_NAMES)
     tokenizer = tower_inputs.make_tokenizer(text_cfg, tower_inputs.report_corpus(reader), workdir)
     arrays = tower_inputs.tower_batch(config, tokenizer, reader(range(len(source))))
-    length = int(text_cfg.max_length)
-    class_tokens = tuple(jnp.asarray(a) for a in text_lib.prompt_tokens(
-        tokenizer, class_prompts(list(config.model.class_names),
-                                 config.model.get("prompts", "single")), length))
+    class_tokens = tuple(jnp.asarray(a) for a in class_prompt_tokens(
+        tokenizer, config.model.class_names, config.model))
     bert = ttrain.bert_config(text_cfg, len(tokenizer))
     model = build_two_tower(config.model, bert)
     init_model = build_two_tower(init_config.model, bert)

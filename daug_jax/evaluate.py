@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from daug_jax import metrics
 from daug_jax.data.pipeline import ordered_batches, pad_rows
-from daug_jax.models import text as text_lib
-from daug_jax.models.two_tower import TwoTower, class_prompts
+from daug_jax.models.two_tower import TwoTower, class_prompt_tokens
 from daug_jax.tower_inputs import make_reader, tower_batch
 from daug_jax.train import pick_member, saved_configs
 
@@ -68,9 +67,7 @@ def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source:
             out[key].append(arrays[key])
         out["id"].append(batch["id"])
     form = config.model.get("prompts", "single")
-    cls_ids, cls_mask = text_lib.prompt_tokens(
-        tokenizer, class_prompts(list(config.model.class_names), form),
-        int(config.model.text.max_length))
+    cls_ids, cls_mask = class_prompt_tokens(tokenizer, config.model.class_names, config.model)
     scalars = jax.device_get(model.apply(variables, method=TwoTower.scalars))
     emb = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
     return {**emb, "class_emb": np.asarray(text_fn(variables, cls_ids, cls_mask)), "prompts": form,

@@ -35,9 +35,8 @@ from daug_jax import files, loop, parallel, population
 from daug_jax.checkpoint import Checkpointer
 from daug_jax.data import synthetic
 from daug_jax.data.pipeline import train_batches
-from daug_jax.models import text as text_lib
 from daug_jax.models.two_tower import (  # noqa: F401  (assemble_images, bert_config: re-exported)
-    TwoTower, assemble_images, bert_config, build_two_tower, class_prompts)
+    TwoTower, assemble_images, bert_config, build_two_tower, class_prompt_tokens)
 from daug_jax.tower_inputs import (class_names_of, make_reader, make_tokenizer, open_heatmaps,
                                    report_corpus, uses_reports)
 from daug_jax.tower_step import (  # noqa: F401  (the step's pieces: re-exported)
@@ -101,9 +100,8 @@ def _setup(config, members, source, workdir, class_names, heatmaps):
     reports = report_corpus(reader) if reader.reports and not text_cfg.get("path") else ()
     os.makedirs(workdir, exist_ok=True)
     tokenizer = make_tokenizer(text_cfg, reports, workdir, names)
-    class_tokens = tuple(jnp.asarray(a) for a in text_lib.prompt_tokens(
-        tokenizer, class_prompts(names, config.model.get("prompts", "single")),
-        int(text_cfg.max_length)))
+    class_tokens = tuple(jnp.asarray(a)
+                         for a in class_prompt_tokens(tokenizer, names, config.model))
     return reader, tokenizer, members, configs, names, class_tokens
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from daug_jax.models import backbones
+from daug_jax.models.text_tokenizer import prompt_tokens
 
 NO_FINDING = "No Finding"
 FILLS = ("repeat", "heatmaps")  # how the image tower's extra channels are filled
@@ -54,6 +55,16 @@ def class_prompts(class_names: Sequence[str], form: str = "single") -> list[str]
             present.append(f"a chest X-ray showing {name.lower()}")
             absent.append(f"a chest X-ray with no {name.lower()}")
     return present if form == "single" else absent + present
+
+
+def class_prompt_tokens(tokenizer: Any, class_names: Sequence[str],
+                        model_config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The class prompts of ``model_config.prompts`` ("single" or "paired", `class_prompts`)
+    tokenised for the text tower, padded to the longest prompt and cut at
+    ``model_config.text.max_length`` (`text_tokenizer.prompt_tokens`): ids, mask [P, L'] int32.
+    Training, evaluation and the benchmark score classes with these same rows."""
+    prompts = class_prompts(list(class_names), model_config.get("prompts", "single"))
+    return prompt_tokens(tokenizer, prompts, int(model_config.text.max_length))
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
