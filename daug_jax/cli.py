@@ -59,6 +59,25 @@ def _use_compilation_cache(module, argv: list[str]) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(where(argv)))
 
 
+def _use_cpu_devices(module, argv: list[str]) -> None:
+    """Splits the CPU into the number of devices the command asks for (a stage module's
+    ``cpu_devices(argv)``), unless XLA_FLAGS already forces a count.  XLA:CPU runs one program's
+    small convolutions on fewer threads than there are cores; the data-parallel steps then run
+    one batch shard per device, side by side (`daug_jax.parallel`).  Only CPU devices are
+    affected: on an accelerator the setting is inert."""
+    where = getattr(module, "cpu_devices", None)
+    if where is None or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    count = where(argv)
+    if count and count > 1:
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", int(count))
+        except RuntimeError:  # JAX already started in this process (called as a library)
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; user errors end as ``daug-jax <command>: error: ...`` and exit status 2
     (``--debug`` anywhere on the line shows their traceback instead)."""
@@ -70,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) >= n_words and name in COMMANDS:
             module = importlib.import_module(COMMANDS[name][0])
             _use_compilation_cache(module, argv[n_words:])
+            _use_cpu_devices(module, argv[n_words:])
             try:
                 return int(module.main(name, argv[n_words:]) or 0)
             except USER_ERRORS as err:

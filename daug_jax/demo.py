@@ -345,6 +345,22 @@ def compilation_cache_dir(argv: list[str]) -> str:
     return os.path.join(args.out or ("runs/quick" if args.quick else "runs/demo"), "xla_cache")
 
 
+def _config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    from daug_jax.config import apply_overrides
+    from experiments import demo as demo_config
+
+    config = demo_config.get_config(quick=args.quick)
+    apply_overrides(config, args.set)
+    return config
+
+
+def cpu_devices(argv: list[str]) -> int:
+    """How many devices the CLI splits a CPU into for this command: ``cpu_devices`` of the
+    config (with ``--set`` applied; `cli._use_cpu_devices`)."""
+    args, _ = _parser("demo").parse_known_args(argv)
+    return int(_config(args).get("cpu_devices", 1))
+
+
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test (< 60 s)")
@@ -357,11 +373,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
 def main(command: str, argv: list[str]) -> int:
     args = _parser(command).parse_args(argv)
     parallel.maybe_initialize_distributed()
-    from daug_jax.config import apply_overrides, validate
-    from experiments import demo as demo_config
+    from daug_jax.config import validate
 
-    config = demo_config.get_config(quick=args.quick)
-    apply_overrides(config, args.set)
+    config = _config(args)
     validate(config)
     validate(config.diffusion)
     if args.out:

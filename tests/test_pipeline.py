@@ -1,5 +1,7 @@
 """The batch pipeline: deterministic by (seed, step), per-process slices, clear errors."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,24 @@ def test_cli_routes_and_rejects_unknown_commands(capsys):
     from daug_jax import cli
     assert cli.main(["no-such-command"]) == 2
     assert "usage: daug-jax" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, xla_flags, expected", [
+    (["--quick"], "", 2),                       # the demo config's cpu_devices
+    (["--set", "cpu_devices=1"], "", 1),        # turned off
+    ([], "--xla_force_host_platform_device_count=3", 3),  # the user's XLA_FLAGS win
+])
+def test_demo_splits_the_cpu_into_its_configured_devices(args, xla_flags, expected):
+    """`cli._use_cpu_devices` fixes the CPU device count before JAX starts (fresh interpreter)."""
+    import subprocess
+    import sys
+
+    from tests._subproc import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, PYTHONPATH=ROOT)
+    code = ("import sys; from daug_jax import cli, demo; cli._use_cpu_devices(demo, sys.argv[1:]);"
+            " import jax; print(jax.device_count())")
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.split()[-1] == str(expected)
