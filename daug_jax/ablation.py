@@ -1,13 +1,11 @@
 """The ablation as one population of towers: train together, evaluate each, summarise honestly.
 
-    results = run_ablation(config, members, train=..., query=..., gallery=..., workdir=...)
+    results, histories = run_ablation(config, members(settings, seeds), splits, workdir, ...)
     summary = summarize(results, seeds)
 
-Members are named ``<setting>/<variant>/seed<k>`` (`experiments.ablation.members`).  The summary
-gives, per setting, each variant's metrics as mean ± sample std with the per-seed values, and the
-two effects of the 2x2 design as paired differences over seeds with a 95 % t-interval
-(`stats.paired_difference`): ``daug`` = DAug channels on minus off, ``hybrid`` = hybrid loss
-minus the setting's single-term loss, each averaged over the two levels of the other factor.
+The two effects of each setting's 2x2 design are paired differences over seeds with a 95 %
+t-interval (`stats.paired_difference`): ``daug`` = DAug channels on minus off, ``hybrid`` =
+hybrid loss minus the setting's single-term loss, each averaged over the other factor's levels.
 """
 
 from __future__ import annotations
@@ -24,30 +22,52 @@ from daug_jax.train import train_population
 METRIC_KEYS = ("macro_auroc", "weighted_auroc",
                *(f"{d}_mAP@{k}" for d in ("x2x", "r2x", "x2r") for k in MAP_KS),
                *(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in RECALL_KS))
-VARIANT_NAMES = ("baseline", "daug", "hybrid", "daug_hybrid")
-# effect -> (variants with the factor on, variants with it off), each pair at one level of the
-# other factor
+# The 2x2 design inside each setting: variant -> (model.vision.fill, which of the setting's
+# losses: its single term or the hybrid).
+VARIANTS = {"baseline": ("repeat", "single"), "daug": ("heatmaps", "single"),
+            "hybrid": ("repeat", "hybrid"), "daug_hybrid": ("heatmaps", "hybrid")}
+# effect -> (variants with the factor on, variants with it off); pairs by the other factor's level
 EFFECTS = {"daug": (("daug", "daug_hybrid"), ("baseline", "hybrid")),
            "hybrid": (("hybrid", "daug_hybrid"), ("baseline", "daug"))}
 
 
-def run_ablation(config: Any, members: Sequence[dict], *, train: Any, query: Any, gallery: Any,
-                 workdir: str, class_names: Sequence[str], heatmaps: dict | None = None,
+def members(settings: dict, seeds: Sequence[int]) -> list[dict]:
+    """Every run of the ablation as a member of one population (`daug_jax.population`):
+    {"name": "<setting>/<variant>/seed<k>", "seed", "fill", "clip_weight"}.
+
+    settings: {setting: {"single": w, "hybrid": w}}, the clip weight of the setting's
+    single-term loss and of its hybrid (the paper's, ``experiments/ablation.py``)."""
+    out = []
+    for setting, weights in settings.items():
+        if set(weights) != {"single", "hybrid"}:
+            raise ValueError(f"ablation setting {setting!r} needs the clip weights of its "
+                             f"'single' and 'hybrid' losses, got {dict(weights)}")
+        for variant, (fill, loss) in VARIANTS.items():
+            for seed in seeds:
+                out.append({"name": f"{setting}/{variant}/seed{int(seed)}", "seed": int(seed),
+                            "fill": fill, "clip_weight": float(weights[loss])})
+    return out
+
+
+def run_ablation(config: Any, members: Sequence[dict], splits: dict, workdir: str, *,
+                 class_names: Sequence[str], heatmaps: dict | None = None,
                  progress: bool = True) -> tuple[dict, dict]:
     """Trains (or resumes) every member as one population in ``workdir``, then evaluates each
-    (queries from ``query``, gallery ``gallery``; cached in ``workdir/eval/``, so a rerun only
-    does what is missing).  heatmaps: {"train", "query", "gallery"} heatmap datasets.
+    (queries from ``splits["query"]``, gallery ``splits["gallery"]``; cached in
+    ``workdir/eval/``, so a rerun only does what is missing).  splits: {"train", "query",
+    "gallery"} random-access sources; heatmaps: their heatmap datasets, same keys.
     Returns ({member name: `evaluate_embeddings` result}, {member name: training history})."""
     maps = heatmaps or {}
-    _, histories = train_population(config, members, train, workdir, class_names=class_names,
-                                    heatmaps=maps.get("train"), progress=progress)
+    _, histories = train_population(config, members, splits["train"], workdir,
+                                    class_names=class_names, heatmaps=maps.get("train"),
+                                    progress=progress)
     paths = {m["name"]: os.path.join(workdir, "eval", m["name"].replace("/", "__") + ".json")
              for m in members}
     todo = [name for name, path in paths.items() if not os.path.exists(path)]
     if todo:  # one restore and one set of compiled encoders for every member
-        done = evaluate_towers(workdir, query, gallery, class_names=class_names, members=todo,
-                               heatmaps={"query": maps.get("query"),
-                                         "gallery": maps.get("gallery")}, progress=progress)
+        done = evaluate_towers(workdir, splits["query"], splits["gallery"],
+                               class_names=class_names, members=todo, heatmaps=maps,
+                               progress=progress)
         for name, result in done.items():
             write_json(paths[name], result)
     return {name: read_json(path) for name, path in paths.items()}, histories
@@ -69,10 +89,9 @@ def summarize(results: dict, seeds: Sequence[int]) -> dict:
     out = {"seeds": [int(s) for s in seeds], "settings": {}}
     for setting in settings:
         variants = {v: {key: stats.mean_std(_per_seed(results, setting, v, seeds, key))
-                        for key in METRIC_KEYS} for v in VARIANT_NAMES}
-        effects = {}
+                        for key in METRIC_KEYS} for v in VARIANTS}
+        effects = {effect: {} for effect in EFFECTS}
         for effect, (on, off) in EFFECTS.items():
-            effects[effect] = {}
             for key in METRIC_KEYS:
                 a, b = ([_mean(*pair) for pair in zip(*(_per_seed(results, setting, v, seeds, key)
                                                          for v in side))] for side in (on, off))

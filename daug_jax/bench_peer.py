@@ -1,13 +1,11 @@
 """``daug-jax bench --peer torch``: each program of the benchmark beside the same computation in
 another framework, timed in the same run on the same threads.
 
-The peer's code lives outside the library, in the top-level ``peers`` package (this module
-imports it only when asked; the library never imports torch itself).  A pair is timed as
-back-to-back calls, daug-jax then peer, ``repeats`` times after one warm-up call of each, with a
-short pause before each call (`SETTLE_S`): both see the same machine load, and the reported
-ratio peer_time / jax_time (> 1: daug-jax is faster) is the median of the per-pair ratios.
-Each pair also carries the evidence that the two programs are the same computation: parameter
-counts and matmul + convolution FLOPs of both.
+The peer's code lives in the top-level ``peers`` package, imported only when asked (the library
+never imports torch itself).  A pair is timed as back-to-back calls, daug-jax then peer, so that
+both see the same machine load; the ratio peer_time / jax_time (> 1: daug-jax is faster) is the
+median of the per-pair ratios.  Parameter counts and matmul + convolution FLOPs of both show
+that the two programs are the same computation.
 """
 
 from __future__ import annotations
@@ -23,10 +21,8 @@ import jax
 import numpy as np
 
 PEERS = ("torch",)
-# Idle time before each timed call.  After a parallel region, OpenMP (PyTorch) and Eigen (XLA)
-# worker threads keep spinning for a while; without a pause those spinning threads take the
-# cores from whichever framework runs next (measured: daug-jax's two-tower step timed 226 ms
-# right after torch calls against 175 ms alone).
+# Idle time before each timed call: OpenMP (PyTorch) and Eigen (XLA) worker threads spinning
+# after a parallel region would take the cores from whichever framework runs next.
 SETTLE_S = 0.2
 
 
@@ -45,11 +41,6 @@ class Peer:
                 "device": self.device}
 
 
-def host_threads() -> int:
-    """The cores this process may use: XLA:CPU's thread pool spans them all."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def load(name: str) -> Peer:
     """Imports a peer (``torch``) and gives it the threads XLA uses; a clear error when missing."""
     if name not in PEERS:
@@ -62,7 +53,8 @@ def load(name: str) -> Peer:
                          f"`make test`: pip install -e '.[peer]' (on a CPU-only machine first "
                          f"pip install torch --index-url https://download.pytorch.org/whl/cpu) "
                          f"({e})") from e
-    threads = host_threads()
+    # the cores this process may use, as XLA:CPU's thread pool does
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(threads)
     on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
     diffusion = importlib.import_module("peers.torch_diffusion")
@@ -76,13 +68,11 @@ def param_count(tree: Any) -> int:
 
 def compare(jax_call: Callable[[], Any], peer_step: Any, *, jax_flops: float, jax_params: int,
             repeats: int) -> dict:
-    """Times ``jax_call`` (its result blocked on) and ``peer_step.call`` in back-to-back pairs.
-
-    peer_step: a `peers.PeerStep`; jax_flops: matmul + convolution FLOPs of one daug-jax call
-    (`bench_programs.matmul_flops`); jax_params: its parameter elements.  Returns the pair's
-    times, the per-pair ratios peer / jax and their median ``ratio``, and both FLOP and
-    parameter counts.
-    """
+    """Times ``jax_call`` (its result blocked on) and ``peer_step.call`` (a `peers.PeerStep`) in
+    ``repeats`` back-to-back pairs after one warm-up call of each.  jax_flops: matmul +
+    convolution FLOPs of one daug-jax call (`bench.matmul_flops`); jax_params: its parameter
+    elements.  Returns both times, the per-pair ratios peer / jax and their median ``ratio``,
+    and both FLOP and parameter counts."""
     jax.block_until_ready(jax_call())
     peer_step.call()
     jax_times, peer_times = [], []

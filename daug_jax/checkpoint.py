@@ -2,12 +2,9 @@
 
 A stage that is killed and rerun with the same command restores the latest step and continues;
 since batches are a pure function of (seed, step) (see `daug_jax.data.pipeline`) and PRNG keys
-are folded from the step, the resumed run is the uninterrupted run.
-
-A checkpoint that cannot be read back (array files truncated by a full disk, a half-copied
-directory) is skipped with one line of warning: restoring falls back to the newest older step
-that restores cleanly.  Resuming a run (`Checkpointer.restore_or`) also moves the damaged step
-directories aside to ``<step>.damaged``, so that the run saves those steps anew.
+are folded from the step, the resumed run is the uninterrupted run.  A checkpoint that cannot be
+read back (truncated by a full disk, half-copied) is skipped with one line of warning for the
+newest older step that reads; resuming also moves the damaged steps aside (``<step>.damaged``).
 """
 
 from __future__ import annotations
@@ -24,10 +21,7 @@ import orbax.checkpoint as ocp
 
 from daug_jax.files import pause_for_test
 
-# A failed read makes orbax log (through absl) a traceback, asyncio report its unretrieved
-# tasks, and tensorstore's reads still in flight complete into the closed event loop ("Event
-# loop is closed", one traceback each through sys.unraisablehook).  A damaged checkpoint is
-# reported by one line of ours instead.
+# A failed read makes these log tracebacks; a damaged checkpoint is reported by one line of ours.
 _NOISY_LOGGERS = ("absl", "orbax", "tensorstore", "asyncio")
 
 # Test-only fault injection (`files.pause_for_test`); unset in normal runs.
@@ -35,6 +29,8 @@ PAUSE_AFTER_CHECKPOINT = "DAUG_TEST_PAUSE_AFTER_CHECKPOINT"
 
 
 def _closed_loop(unraisable: Any) -> bool:
+    """Whether ``unraisable`` is a tensorstore read, in flight when a read failed, completing
+    into the closed event loop."""
     return (isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == "Event loop is closed")
 
@@ -65,15 +61,9 @@ def _short_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _warn(message: str) -> None:
-    print(f"daug-jax: warning: {message}", file=sys.stderr, flush=True)
-
-
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` for a pytree train state plus JSON metadata.
-
-    ``restored_step``: the step that the last `restore` / `restore_or` returned (None before).
-    """
+    """Thin wrapper over `ocp.CheckpointManager` for a pytree train state plus JSON metadata;
+    ``restored_step``: the step that the last `restore` / `restore_or` returned (None before)."""
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 2):
         self.directory = os.path.abspath(directory)
@@ -103,25 +93,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
         """Saves when ``step`` is on the save interval (or ``force``); returns whether it did."""
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave(meta or {})),
-            force=force)
+        saved = self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=force)
         if saved and os.environ.get(PAUSE_AFTER_CHECKPOINT) == str(step):
             self._manager.wait_until_finished()  # the pause comes after a committed checkpoint
             pause_for_test(PAUSE_AFTER_CHECKPOINT, step,
                            f"paused after checkpoint {step} in {self.directory}")
         return bool(saved)
-
-    def _read(self, abstract: Any, step: int) -> tuple[Any, dict]:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                meta=ocp.args.JsonRestore()))
-        return restored.state, dict(restored.meta or {})
 
     def _restore_newest(self, template: Any, step: int | None) -> tuple[Any, dict, int, list]:
         """``(state, meta, step, damaged)`` from ``step`` (default latest) or, when that one
@@ -138,12 +116,13 @@ class Checkpointer:
         with _quiet_orbax():
             for candidate in candidates:
                 try:
-                    state, meta = self._read(abstract, candidate)
+                    restored = self._manager.restore(candidate, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
                 except Exception as err:  # noqa: BLE001 - any failure to read counts as damage
                     damaged.append((candidate, _short_reason(err)))
                     continue
                 self.restored_step = candidate
-                return state, meta, candidate, damaged
+                return restored.state, dict(restored.meta or {}), candidate, damaged
         raise FileNotFoundError(
             f"no checkpoint in {self.directory} restores (tried "
             f"{', '.join(str(s) for s, _ in damaged)}; {damaged[0][0]}: {damaged[0][1]})")
@@ -154,26 +133,21 @@ class Checkpointer:
         names = ", ".join(str(s) for s, _ in damaged)
         what = (f"checkpoint {names} in {self.directory} is damaged" if len(damaged) == 1 else
                 f"checkpoints {names} in {self.directory} are damaged")
-        _warn(f"{what} ({damaged[0][1]}); using checkpoint {used}{suffix}")
+        print(f"daug-jax: warning: {what} ({damaged[0][1]}); using checkpoint {used}{suffix}",
+              file=sys.stderr, flush=True)
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores ``(state, meta)`` at ``step`` (default latest) with the shardings of ``template``.
-
-        A checkpoint that fails to read is skipped for the newest older one that reads, with one
-        line of warning; ``self.restored_step`` tells which was used.  Raises FileNotFoundError
-        when there is none or none reads.
-        """
+        """Restores ``(state, meta)`` at ``step`` (default latest), or the newest older step that
+        reads (``self.restored_step`` tells which), with the shardings of ``template``.  Raises
+        FileNotFoundError when there is none or none reads."""
         state, meta, used, damaged = self._restore_newest(template, step)
         self._report(damaged, used)
         return state, meta
 
     def restore_or(self, template: Any) -> tuple[Any, dict, int]:
         """``(state, meta, step)`` to resume from: the newest checkpoint that reads, or
-        ``(template, {}, 0)`` if there is none.
-
-        Damaged newer steps are moved aside (``<step>.damaged``), so that the resumed run's
-        `latest_step` is the restored step and it can save the lost steps again.
-        """
+        ``(template, {}, 0)`` if there is none.  Damaged newer steps are moved aside, so that the
+        resumed run's `latest_step` is the restored step and it saves the lost steps again."""
         if self.latest_step() is None:
             self.restored_step = 0
             return template, {}, 0
@@ -204,9 +178,6 @@ class Checkpointer:
             ocp.multihost.sync_global_processes("daug_checkpoint_set_aside")
         self._manager.reload()
         return names
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

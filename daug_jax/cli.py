@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("daug_jax.demo", "Run DAug end to end on the synthetic benchmark (both ablation settings, 3 seeds)."),
     "heatmaps": ("daug_jax.heatmap_job", "Write the DAug heatmap channels of a dataset (guided DDIM translation)."),
     "bench": ("daug_jax.bench", "Measure achieved FLOP/s of the train steps against a dense matmul, images/s, memory."),
-    "bench heatmaps": ("daug_jax.heatmap_job", "Time the compiled heatmap program against a Python-dispatched loop."),
+    "bench heatmaps": ("daug_jax.bench", "Time the compiled heatmap program against a Python-dispatched loop."),
     "train": ("daug_jax.train", "Train the image and text towers with the hybrid contrastive loss."),
     "evaluate": ("daug_jax.evaluate", "Retrieval and classification metrics of trained towers on a dataset split."),
     "localize": ("daug_jax.localization", "Pointing game of the heatmaps on films with lesion masks, with a guidance sweep."),
@@ -46,36 +46,38 @@ def _message(err: BaseException) -> str:
     return " ".join(str(text).split()) or type(err).__name__
 
 
-def _use_compilation_cache(module, argv: list[str]) -> None:
-    """Turns on JAX's persistent compilation cache where the command keeps it (a stage module's
-    ``compilation_cache_dir(argv)``), unless JAX_COMPILATION_CACHE_DIR already chose one.
-    Process-wide settings belong here, at the entry point, never in library functions."""
-    where = getattr(module, "compilation_cache_dir", None)
-    if where is None:
-        return
-    import jax
+def _set_up_process(module, argv: list[str]) -> None:
+    """The process-wide settings a command asks for, made here and never in library functions,
+    before JAX starts its backends:
 
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(where(argv)))
+    * the persistent compilation cache where the command keeps one (a stage module's
+      ``compilation_cache_dir(argv)``), unless JAX_COMPILATION_CACHE_DIR already chose one;
+    * the CPU split into the devices the command asks for (``cpu_devices(argv)``), unless
+      XLA_FLAGS already forces a count: XLA:CPU runs one program's small convolutions on fewer
+      threads than there are cores, and the data-parallel steps then run one batch shard per
+      device side by side (inert on an accelerator);
+    * JAX's multi-process runtime when the environment launches this process as one of several
+      (`parallel.maybe_initialize_distributed`); a command whose processes share no computation
+      (``SHARES_COMPUTATION = False``: the heatmap job) joins it only when told to discover its
+      cluster (``DAUG_DISTRIBUTED=auto``).
+    """
+    import jax  # here, not at the top: `daug-jax --help` does not pay for importing JAX
 
+    from daug_jax import parallel  # imports JAX too
 
-def _use_cpu_devices(module, argv: list[str]) -> None:
-    """Splits the CPU into the number of devices the command asks for (a stage module's
-    ``cpu_devices(argv)``), unless XLA_FLAGS already forces a count.  XLA:CPU runs one program's
-    small convolutions on fewer threads than there are cores; the data-parallel steps then run
-    one batch shard per device, side by side (`daug_jax.parallel`).  Only CPU devices are
-    affected: on an accelerator the setting is inert."""
-    where = getattr(module, "cpu_devices", None)
-    if where is None or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return
-    count = where(argv)
-    if count and count > 1:
-        import jax
-
-        try:
-            jax.config.update("jax_num_cpu_devices", int(count))
-        except RuntimeError:  # JAX already started in this process (called as a library)
-            pass
+    cache = getattr(module, "compilation_cache_dir", None)
+    if cache is not None and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache(argv)))
+    devices = getattr(module, "cpu_devices", None)
+    if devices and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        count = devices(argv)
+        if count and count > 1:
+            try:
+                jax.config.update("jax_num_cpu_devices", int(count))
+            except RuntimeError:  # JAX already started in this process (called as a library)
+                pass
+    if getattr(module, "SHARES_COMPUTATION", True) or os.environ.get("DAUG_DISTRIBUTED") == "auto":
+        parallel.maybe_initialize_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         name = " ".join(argv[:n_words])
         if len(argv) >= n_words and name in COMMANDS:
             module = importlib.import_module(COMMANDS[name][0])
-            _use_compilation_cache(module, argv[n_words:])
-            _use_cpu_devices(module, argv[n_words:])
             try:
+                _set_up_process(module, argv[n_words:])
                 return int(module.main(name, argv[n_words:]) or 0)
             except USER_ERRORS as err:
                 if debug:

@@ -21,8 +21,16 @@ from typing import Any
 
 import ml_collections
 
-from daug_jax import ablation, parallel
+from daug_jax import ablation, figures, localization, stats
+from daug_jax.config import load_config, read_config, validate
+from daug_jax.data import builders, synthetic
+from daug_jax.data.pipeline import ArraySource
+from daug_jax.diffusion import train as diffusion_train
+from daug_jax.diffusion.schedule import to_model_space
+from daug_jax.diffusion.strength import classifier_auroc
 from daug_jax.files import read_json, write_json, write_text
+from daug_jax.heatmap_job import HeatmapSource, calibrate, write_heatmap_dataset
+from daug_jax.heatmaps import load_models, make_heatmap_fn, make_translation
 
 STAGES = ("data", "diffusion", "classifier", "selection", "heatmaps", "localization", "towers",
           "report")
@@ -47,8 +55,6 @@ class _Timer:
 
 def make_splits(data_config: Any) -> dict[str, dict]:
     """The train, validation and test films: the `synthetic_cxr` splits of this seed."""
-    from daug_jax.data import builders, synthetic
-
     seeds = builders.SyntheticCxrConfig(seed=int(data_config.seed))
     return {split: synthetic.generate(int(data_config[f"num_{split}"]),
                                       image_size=int(data_config.image_size),
@@ -56,52 +62,33 @@ def make_splits(data_config: Any) -> dict[str, dict]:
             for split in ("train", "validation", "test")}
 
 
-def _translation_settings(config: Any) -> dict:
-    """The heatmap settings shared by the heatmap job and the localization check (all but the
-    encode level and the guidance scale, which are chosen on validation)."""
-    h = config.heatmaps
-    return dict(num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
-                reference=h.get("reference", "x0"))
-
-
 def setting_name(level: int, scale: float) -> str:
     """The key of one (encode level, guidance scale) pair in the selection's results."""
     return f"L{int(level)}/s{float(scale):g}"
 
 
-def make_heatmaps(config: Any, out: str, splits: dict[str, dict], scale: float) -> dict[str, Any]:
-    """Writes (or reuses) the heatmap dataset of the train and test splits at guidance
-    ``scale`` (chosen on validation); returns {split: HeatmapSource}."""
-    from daug_jax.data.pipeline import ArraySource
-    from daug_jax.heatmap_job import HeatmapSource, calibrate, write_heatmap_dataset
-    from daug_jax.heatmaps import load_models, make_heatmap_fn
+def _models(out: str):
+    return load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
 
+
+def make_heatmaps(config: Any, out: str, splits: dict[str, dict], level: int,
+                  scale: float) -> dict[str, Any]:
+    """Writes (or reuses) the heatmap dataset of the train and test splits at encode ``level``
+    and guidance ``scale`` (chosen on validation); returns {split: HeatmapSource}."""
     h = config.heatmaps
     directory = os.path.join(out, "heatmaps")
-    models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
-    heatmap_fn = make_heatmap_fn(models.eps_fn, models.logit_fn, models.alpha_bar, h.targets,
-                                 models.class_names, image_shape=models.image_shape,
-                                 level=int(h.level), scale=scale, max_level=models.max_level,
-                                 **_translation_settings(config))
-    train_source = ArraySource({k: splits["train"][k] for k in ("id", "image")})
-    calibration = calibrate(heatmap_fn, train_source, directory,
+    models = _models(out)
+    heatmap_fn = make_heatmap_fn(models, h.targets, make_translation(models, h, level), scale)
+    films = {split: ArraySource({k: splits[split][k] for k in ("id", "image")})
+             for split in ("train", "test")}
+    calibration = calibrate(heatmap_fn, films["train"], directory,
                             num_images=h.calibration.num_images,
                             percentile=h.calibration.percentile, batch_size=h.batch_size)
-    sources = {}
-    for split in ("train", "test"):
-        split_dir = os.path.join(directory, split)
-        write_heatmap_dataset(ArraySource({k: splits[split][k] for k in ("id", "image")}),
-                              split_dir, heatmap_fn, calibration["scale_constant"],
-                              batch_size=h.batch_size, shard_size=h.shard_size, dtype=h.dtype)
-        sources[split] = HeatmapSource(split_dir)
-    return sources
-
-
-def _source(data: dict):
-    """A split of the in-memory benchmark as a source of what the towers read."""
-    from daug_jax.data.pipeline import ArraySource
-
-    return ArraySource({k: data[k] for k in ("image", "labels", "report", "id")})
+    for split, source in films.items():
+        write_heatmap_dataset(source, os.path.join(directory, split), heatmap_fn,
+                              calibration["scale_constant"], batch_size=h.batch_size,
+                              shard_size=h.shard_size, dtype=h.dtype)
+    return {split: HeatmapSource(os.path.join(directory, split)) for split in films}
 
 
 def localize(config: Any, out: str, films: dict, *, levels: list[int], scales: list[float],
@@ -111,26 +98,22 @@ def localize(config: Any, out: str, films: dict, *, levels: list[int], scales: l
     unguided and class-swapped controls (`localization.score`; the swapped one for
     ``swapped_modes``, default every mode); returns {`setting_name`: {mode: result}}.  The
     models are loaded and the cases drawn once; ``figure`` shows the first setting."""
-    from daug_jax import localization
-    from daug_jax.data import synthetic
-    from daug_jax.heatmaps import load_models
-
     loc = config.heatmaps.localization
-    models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
+    models = _models(out)
     classes = [c for c in synthetic.LOCALIZED_CLASSES if c in models.class_names]
     regions = {"masks": films["masks"], "sites": films["sites"]}
     cases = localization.select_cases(films["labels"], regions, synthetic.CLASS_NAMES, classes,
                                       per_class, int(config.data.seed))
-    images = films["image"] * 2.0 - 1.0
+    images = to_model_space(films["image"])
     results = {}
     for level in levels:
         translated = localization.translate_cases(
-            models, images, cases, scales=scales, level=int(level), batch_size=loc.batch_size,
-            data_classes=synthetic.CLASS_NAMES, swapped_modes=swapped_modes,
-            **_translation_settings(config))
+            models, make_translation(models, config.heatmaps, level), images, cases,
+            scales=scales, batch_size=loc.batch_size, data_classes=synthetic.CLASS_NAMES,
+            swapped_modes=swapped_modes)
         if figure and not results:
-            localization.plot_examples(figure, images, cases, translated["scales"][scales[0]],
-                                       synthetic.CLASS_NAMES, loc.examples_per_class)
+            figures.plot_examples(figure, images, cases, translated["scales"][scales[0]],
+                                  synthetic.CLASS_NAMES, loc.examples_per_class)
         results.update({setting_name(level, s): localization.score(
             translated, s, cases, synthetic.CLASS_NAMES) for s in scales})
     return results
@@ -145,11 +128,8 @@ CONTROLS = {"anomaly": ("unguided",), "channel": ("unguided",), "site": ("unguid
 def margin_over_controls(result: dict) -> float:
     """Mean over the modes of the guided map's pointing game minus its strongest control's
     (`CONTROLS`): how much of the localization the guidance itself makes."""
-    margins = []
-    for mode, r in result.items():
-        controls = [r[c]["pointing_game"] for c in CONTROLS.get(mode, ("unguided", "swapped"))
-                    if r.get(c)]
-        margins.append(r["pointing_game"] - max(controls, default=0.0))
+    margins = [r["pointing_game"] - max((r[c]["pointing_game"] for c in CONTROLS[mode] if r.get(c)),
+                                        default=0.0) for mode, r in result.items()]
     return sum(margins) / len(margins)
 
 
@@ -159,7 +139,7 @@ def select_guidance(config: Any, out: str, validation: dict) -> dict:
     at); returns {"level", "scale", "criterion", "margin", "mean_pointing_game",
     "classifier_auroc", "sweep": {"L<level>/s<scale>": {mode: result}}}."""
     loc = config.heatmaps.localization
-    levels = sorted({int(v) for v in loc.get("sweep_levels", (config.heatmaps.level,))})
+    levels = sorted({int(v) for v in loc.sweep_levels})
     scales = sorted({float(s) for s in loc.sweep_scales})
     sweep = localize(config, out, validation, levels=levels, scales=scales,
                      per_class=int(loc.validation_cases_per_class),
@@ -169,14 +149,9 @@ def select_guidance(config: Any, out: str, validation: dict) -> dict:
     # Ties: the weaker guidance, then the lower level (less to undo).
     grid = [(level, s) for level in levels for s in scales]
     level, scale = max(grid, key=lambda g: (margin[setting_name(*g)], -g[1], -g[0]))
-    from daug_jax.data import synthetic
-    from daug_jax.diffusion.strength import classifier_auroc
-    from daug_jax.heatmaps import load_models
-
     # Where the guidance can act: the classifier's AUROC on noised validation films.
-    models = load_models(os.path.join(out, "diffusion"), os.path.join(out, "classifier"))
-    strength = classifier_auroc(models, validation["image"] * 2.0 - 1.0, validation["labels"],
-                                synthetic.CLASS_NAMES, levels=(0, *levels))
+    strength = classifier_auroc(_models(out), to_model_space(validation["image"]),
+                                validation["labels"], synthetic.CLASS_NAMES, levels=(0, *levels))
     return {"level": level, "scale": scale,
             "criterion": "mean over modes of the pointing game minus its strongest control "
                          "(unguided; site mode also class-swapped), validation split",
@@ -187,16 +162,15 @@ def select_guidance(config: Any, out: str, validation: dict) -> dict:
 def run_towers(config: Any, out: str, splits: dict[str, dict],
                heatmaps: dict[str, Any]) -> tuple[dict, dict]:
     """Both ablation settings x seeds as one population; returns (summary, histories)."""
-    from daug_jax.data import synthetic
-    from experiments.ablation import members
-
     towers = ml_collections.ConfigDict(config.towers.to_dict())
     towers.data.image_size = int(config.data.image_size)
     towers.model.vision.in_channels = 1 + len(config.heatmaps.targets.split(","))
-    runs = members(config.seeds)
+    validate(towers)
+    train, test = (ArraySource({k: splits[split][k] for k in ("image", "labels", "report", "id")})
+                   for split in ("train", "test"))
     results, histories = ablation.run_ablation(
-        towers, runs, train=_source(splits["train"]), query=_source(splits["test"]),
-        gallery=_source(splits["train"]), workdir=os.path.join(out, "towers"),
+        towers, ablation.members(config.ablation, config.seeds),
+        {"train": train, "query": test, "gallery": train}, os.path.join(out, "towers"),
         class_names=synthetic.CLASS_NAMES,
         heatmaps={"train": heatmaps["train"], "query": heatmaps["test"],
                   "gallery": heatmaps["train"]})
@@ -209,8 +183,6 @@ TABLE_KEYS = ("macro_auroc", "weighted_auroc", "x2x_mAP@5", "r2x_mAP@5", "x2r_mA
 
 def effect_sentences(summary: dict) -> list[str]:
     """One plain sentence per setting and effect, on that setting's headline metrics."""
-    from daug_jax import stats
-
     headline = {"classification": ("macro_auroc", "weighted_auroc"),
                 "retrieval": ("x2x_mAP@5", "r2x_mAP@5", "x2r_mAP@5")}
     lines = []
@@ -231,7 +203,7 @@ def effect_sentences(summary: dict) -> list[str]:
 
 def _localization_lines(result: dict) -> list[str]:
     lines = ["| mode | pointing game | chance | unguided (guided − it, 95 % CI) | "
-             "swapped class (guided − it, 95 % CI) | n |", "| --- | --- | --- | --- | --- | --- |"]
+             "swapped class (guided − it, 95 % CI) | n |", "|" + " --- |" * 6]
 
     def control(r):
         if not r:
@@ -251,16 +223,13 @@ def _localization_lines(result: dict) -> list[str]:
 def write_report(out: str, config: Any, summary: dict, loc: dict, selection: dict,
                  timing: dict, histories: dict) -> dict:
     """results.json, results.md and the training-curves figure; returns the results dict."""
-    from daug_jax import figures
-
     payload = {**summary, "localization": loc,
                "selection": {k: v for k, v in selection.items() if k != "sweep"},
                "timing_s": timing, "config": json.loads(config.to_json())}
     write_json(os.path.join(out, "results.json"), payload)
     curves = {}
-    for name, history in histories.items():
-        setting, variant, _ = name.split("/")
-        curves.setdefault(f"{setting}/{variant}", []).append(history)
+    for name, history in histories.items():  # "<setting>/<variant>/seed<k>": seeds per variant
+        curves.setdefault(name.rsplit("/", 1)[0], []).append(history)
     figures.training_curves(os.path.join(out, "training_curves.png"), curves)
     d = config.data
     lines = ["# DAug demo results", "",
@@ -271,8 +240,8 @@ def write_report(out: str, config: Any, summary: dict, loc: dict, selection: dic
              f"(every figure below); seeds {list(summary['seeds'])}: mean ± sample std over "
              "seeds, effects as paired differences over seeds with a 95 % t-interval.", "",
              ablation.markdown_tables(summary, TABLE_KEYS), *effect_sentences(summary), "",
-             f"## Localization (pointing game, test films, level {selection['level']}, guidance scale "
-             f"{selection['scale']:g})",
+             f"## Localization (pointing game, test films, level {selection['level']}, guidance "
+             f"scale {selection['scale']:g})",
              "", *_localization_lines(loc), "", "## Time per stage (s)", "",
              "| " + " | ".join(timing) + " |", "|" + " --- |" * len(timing),
              "| " + " | ".join(f"{v:.0f}" for v in timing.values()) + " |"]
@@ -282,10 +251,6 @@ def write_report(out: str, config: Any, summary: dict, loc: dict, selection: dic
 
 def run_demo(config: Any) -> dict:
     """Runs (or resumes) every stage; returns the results written to ``<out>/results.json``."""
-    from daug_jax.data import synthetic
-    from daug_jax.data.pipeline import ArraySource
-    from daug_jax.diffusion import train as diffusion_train
-
     out = config.out
     os.makedirs(out, exist_ok=True)
     timer = _Timer(out)
@@ -305,12 +270,11 @@ def run_demo(config: Any) -> dict:
     with timer.stage("selection"):
         selection = _cached(os.path.join(out, "selection.json"),
                             lambda: select_guidance(config, out, splits["validation"]))
-    scale = float(selection["scale"])
-    config.heatmaps.level = int(selection["level"])  # the heatmaps and their check use it
+    level, scale = int(selection["level"]), float(selection["scale"])
+    config.heatmaps.level = level  # what the heatmaps and their check use (results.json: config)
     with timer.stage("heatmaps"):
-        heatmaps = make_heatmaps(config, out, splits, scale)
+        heatmaps = make_heatmaps(config, out, splits, level, scale)
     with timer.stage("localization"):
-        level = int(selection["level"])
         loc = _cached(os.path.join(out, "localization.json"), lambda: localize(
             config, out, splits["test"], levels=[level], scales=[scale],
             per_class=int(config.heatmaps.localization.cases_per_class),
@@ -318,8 +282,6 @@ def run_demo(config: Any) -> dict:
     with timer.stage("towers"):
         summary, histories = run_towers(config, out, splits, heatmaps)
     with timer.stage("report"):
-        from daug_jax import figures
-
         figures.retrieval_example(os.path.join(out, "retrieval_example.png"),
                                   os.path.join(out, "towers"), splits["test"],
                                   heatmaps=heatmaps["test"],
@@ -339,32 +301,24 @@ def _cached(path: str, compute) -> Any:
 
 def compilation_cache_dir(argv: list[str]) -> str:
     """Where the CLI keeps this command's compiled programs: ``<out>/xla_cache``, so that a
-    resumed demo compiles nothing it compiled before (on a 2-core CPU compilation is a large
-    part of the demo's time)."""
+    resumed demo compiles nothing it compiled before (much of the demo's time on 2 CPU cores)."""
     args, _ = _parser("demo").parse_known_args(argv)
     return os.path.join(args.out or ("runs/quick" if args.quick else "runs/demo"), "xla_cache")
 
 
-def _config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-    from daug_jax.config import apply_overrides
-    from experiments import demo as demo_config
-
-    config = demo_config.get_config(quick=args.quick)
-    apply_overrides(config, args.set)
-    return config
-
-
 def cpu_devices(argv: list[str]) -> int:
     """How many devices the CLI splits a CPU into for this command: ``cpu_devices`` of the
-    config (with ``--set`` applied; `cli._use_cpu_devices`)."""
+    config (with ``--set`` applied; `cli._set_up_process`)."""
     args, _ = _parser("demo").parse_known_args(argv)
-    return int(_config(args).get("cpu_devices", 1))
+    return int(read_config("demo:quick" if args.quick else "demo", args.set).cpu_devices)
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test (< 60 s)")
-    parser.add_argument("--out", help="output directory (default runs/demo, runs/quick with --quick)")
+    parser.add_argument("--out",
+                        help="output directory (default runs/demo, runs/quick with --quick)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of experiments/demo.py, e.g. --set seeds=(0,1)")
     return parser
@@ -372,11 +326,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 def main(command: str, argv: list[str]) -> int:
     args = _parser(command).parse_args(argv)
-    parallel.maybe_initialize_distributed()
-    from daug_jax.config import validate
-
-    config = _config(args)
-    validate(config)
+    config = load_config("demo:quick" if args.quick else "demo", args.set)
     validate(config.diffusion)
     if args.out:
         config.out = args.out

@@ -23,10 +23,13 @@ import numpy as np
 from tqdm import tqdm
 
 from daug_jax import metrics
+from daug_jax.config import apply_overrides
+from daug_jax.data import registry
 from daug_jax.data.pipeline import ordered_batches, pad_rows
-from daug_jax.models.two_tower import TwoTower, class_prompt_tokens
-from daug_jax.tower_inputs import make_reader, tower_batch
-from daug_jax.train import pick_member, saved_configs
+from daug_jax.files import write_json
+from daug_jax.models.two_tower import TwoTower
+from daug_jax.tower_inputs import class_prompt_tokens, make_reader, open_heatmaps, tower_batch
+from daug_jax.train import Towers, load_runs, pick_member, saved_configs
 
 _BATCH = 256  # records encoded per call; the last chunk is padded to keep one compiled shape
 _QUERY_BLOCK = 1024  # query rows per similarity block: [1024, G] float32 at a time
@@ -40,23 +43,23 @@ def encoders(model: TwoTower) -> tuple[Any, Any]:
             jax.jit(lambda v, i, m: model.apply(v, i, m, method=TwoTower.encode_text)))
 
 
-def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source: Any, *,
-          class_names: Sequence[str], heatmaps: Any = None, reports: bool = True,
-          progress: bool = False, fns: tuple | None = None) -> dict:
+def embed(towers: Towers, source: Any, *, class_names: Sequence[str], heatmaps: Any = None,
+          reports: bool = True, progress: bool = False, fns: tuple | None = None) -> dict:
     """Unit-norm embeddings of ``source``'s images, reports and the class prompts.
 
-    source: a random-access split (records as for `train_towers`); class_names: its label
-    columns; heatmaps: its heatmap dataset for DAug towers; reports: embed the reports (False for
-    datasets without any).  Returns {"image_emb" [N, D], "text_emb" [N, D] or None, "class_emb"
-    [C, D] ([2C, D] for paired prompts), "labels" / "label_mask" [N, C] float32 (C =
-    config.model.class_names), "id" [N], "prompts", "logit_scale", "class_scale", "class_bias"}.
+    towers: `train.load_towers`; source: a random-access split (records as for `train_towers`);
+    class_names: its label columns; heatmaps: its heatmap dataset for DAug towers; reports:
+    embed the reports (False for datasets without any); fns: `encoders` of the model, to reuse.
+    Returns {"image_emb" [N, D], "text_emb" [N, D] or None, "class_emb" [C, D] ([2C, D] for
+    paired prompts), "labels" / "label_mask" [N, C] float32 (C = config.model.class_names),
+    "id" [N], "prompts", "logit_scale", "class_scale", "class_bias"}.
     """
+    model, variables, tokenizer, config = towers
     reader = make_reader(config, source, class_names, heatmaps, reports=reports)
     image_fn, text_fn = fns or encoders(model)
     out = {k: [] for k in ("image_emb", "text_emb", "labels", "label_mask", "id")}
-    chunks = ordered_batches(reader, _BATCH)
-    for _, batch in tqdm(chunks, total=-(-len(source) // _BATCH), desc="embed", unit="chunk",
-                         disable=not progress):
+    for _, batch in tqdm(ordered_batches(reader, _BATCH), total=-(-len(source) // _BATCH),
+                         desc="embed", unit="chunk", disable=not progress):
         arrays, rows = tower_batch(config, tokenizer, batch), len(batch["id"])
         pad = {k: pad_rows(v, _BATCH) for k, v in arrays.items()}
         out["image_emb"].append(np.asarray(image_fn(variables, pad["image"]))[:rows])
@@ -66,12 +69,11 @@ def embed(model: TwoTower, variables: dict, tokenizer: Any, config: Any, source:
         for key in ("labels", "label_mask"):
             out[key].append(arrays[key])
         out["id"].append(batch["id"])
-    form = config.model.get("prompts", "single")
     cls_ids, cls_mask = class_prompt_tokens(tokenizer, config.model.class_names, config.model)
     scalars = jax.device_get(model.apply(variables, method=TwoTower.scalars))
     emb = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
-    return {**emb, "class_emb": np.asarray(text_fn(variables, cls_ids, cls_mask)), "prompts": form,
-            **{k: float(v) for k, v in scalars.items()}}
+    return {**emb, "class_emb": np.asarray(text_fn(variables, cls_ids, cls_mask)),
+            "prompts": config.model.prompts, **{k: float(v) for k, v in scalars.items()}}
 
 
 def _class_retrieval(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
@@ -108,8 +110,7 @@ def evaluate_embeddings(query: dict, gallery: dict, class_names: list[str]) -> d
     out.update(metrics.classification_metrics(scores, query["labels"], query["label_mask"],
                                               class_names))
     out["weighted_auroc"] = metrics.weighted_auroc(scores, query["labels"], query["label_mask"])
-    chance = metrics.chance_levels(q_pos, g_pos)
-    out["chance"] = {k: v for k, v in chance.items() if k in out}
+    out["chance"] = {k: v for k, v in metrics.chance_levels(q_pos, g_pos).items() if k in out}
     return out
 
 
@@ -117,36 +118,25 @@ def evaluate_towers(workdir: str, query: Any, gallery: Any, *, class_names: Sequ
                     heatmaps: dict | None = None, reports: bool = True,
                     members: Sequence[str] | None = None, progress: bool = False) -> dict:
     """Loads the latest checkpoint in ``workdir`` once and scores each of ``members`` (default:
-    every member of the population; a single run has one, "run"): queries from ``query``, the
-    gallery ``gallery`` (random-access splits with the label columns ``class_names``);
-    heatmaps: {"query": ..., "gallery": ...} heatmap datasets of DAug towers.  Returns {member
-    name: `evaluate_embeddings` output}."""
-    from daug_jax import population
-    from daug_jax.train import load_population
-
-    model, stacked, tokenizer, configs = load_population(workdir)
-    fns, maps, names = encoders(model), heatmaps or {}, list(members or configs)
+    every run of the workdir: a single run, "run", or a population's members): queries from
+    ``query``, the gallery ``gallery`` (random-access splits with the label columns
+    ``class_names``); heatmaps: {"query": ..., "gallery": ...} heatmap datasets of DAug towers.
+    Returns {member name: `evaluate_embeddings` output}."""
+    runs = load_runs(workdir)
+    fns, maps = encoders(next(iter(runs.values())).model), heatmaps or {}
     out = {}
-    for name in names:
-        pick_member(configs, name, workdir)  # a clear error for an unknown name
-        variables, config = population.take(stacked, list(configs).index(name)), configs[name]
+    for name in members or runs:
+        towers = runs[pick_member(runs, name, workdir)]  # a clear error for an unknown name
         # (a member that does not read heatmaps ignores them: `make_reader`)
-        emb = {role: embed(model, variables, tokenizer, config, source, class_names=class_names,
-                           heatmaps=maps.get(role), reports=reports, progress=progress, fns=fns)
+        emb = {role: embed(towers, source, class_names=class_names, heatmaps=maps.get(role),
+                           reports=reports, progress=progress, fns=fns)
                for role, source in (("query", query), ("gallery", gallery))}
         out[name] = evaluate_embeddings(emb["query"], emb["gallery"],
-                                        list(config.model.class_names))
+                                        list(towers.config.model.class_names))
     return out
 
 
 def main(command: str, argv: list[str]) -> int:
-    """``daug-jax evaluate --towers WORKDIR [--data NAME --data-dir DIR] --out FILE.json``."""
-    from daug_jax import parallel
-    from daug_jax.config import apply_overrides
-    from daug_jax.data import registry
-    from daug_jax.files import write_json
-    from daug_jax.tower_inputs import open_heatmaps
-
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--towers", required=True, help="workdir of `daug-jax train`")
@@ -160,7 +150,6 @@ def main(command: str, argv: list[str]) -> int:
                         help="override a field of the towers' saved config, e.g. "
                              "data.heatmaps_dir=runs/heatmaps")
     args = parser.parse_args(argv)
-    parallel.maybe_initialize_distributed()
     configs = saved_configs(args.towers)
     member = pick_member(configs, args.member, args.towers)
     config = configs[member]
@@ -172,8 +161,7 @@ def main(command: str, argv: list[str]) -> int:
     heatmaps = {role: open_heatmaps(config, sources[role], split) for role, split in splits.items()}
     result = evaluate_towers(args.towers, sources["query"], sources["gallery"],
                              class_names=dataset.class_names, heatmaps=heatmaps,
-                             reports=dataset.has_reports, members=[member],
-                             progress=True)[member]
+                             reports=dataset.has_reports, members=[member], progress=True)[member]
     result = {"dataset": dataset.name, "query_split": args.query_split,
               "gallery_split": args.gallery_split, "num_queries": len(sources["query"]),
               "num_gallery": len(sources["gallery"]), "towers": os.path.abspath(args.towers),
@@ -181,6 +169,5 @@ def main(command: str, argv: list[str]) -> int:
     write_json(args.out, result)
     shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
     print(f"evaluate: {dataset.name} {args.query_split} queries ({len(sources['query'])}) against "
-          f"{args.gallery_split} ({len(sources['gallery'])}): {shown}; "
-          f"all metrics in {args.out}")
+          f"{args.gallery_split} ({len(sources['gallery'])}): {shown}; all metrics in {args.out}")
     return 0

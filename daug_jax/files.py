@@ -43,7 +43,7 @@ def read_json(path: str, default: Any = None) -> Any:
 
 def save_figure(fig: Any, path: str, **savefig_kwargs: Any) -> None:
     """Saves a Matplotlib figure as PNG (dpi 110 unless given) and closes it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: only figure writers pay for importing Matplotlib
 
     tmp = _temp_name(path, ".png")  # the suffix tells savefig the format
     try:

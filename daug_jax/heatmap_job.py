@@ -9,17 +9,13 @@ record i is ``{"index": i, "id": <source id>, "heatmaps": [H, W, K]}`` and a ``m
 calibrated once on the first images of the first split and kept in ``calibration.json``, so all
 splits, and a rerun, share it.  An interrupted job rerun with the same command redoes only the
 shards that are not complete; ``<out>/.daug-lock`` keeps a second job off the same
-directory while one runs (`daug_jax.lock`).
-
-``daug-jax bench heatmaps`` times the compiled program against the Python-dispatched loop.
+directory while one runs (its processes share the lock, `daug_jax.lock`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 from typing import Any, Sequence
 
 import jax
@@ -28,21 +24,18 @@ from array_record.python import array_record_data_source, array_record_module
 from flax import serialization
 from tqdm import tqdm
 
-from daug_jax.data import pipeline
-from daug_jax.files import as_json, pause_for_test, write_json
-from daug_jax.heatmaps import (HeatmapFn, calibrate_scale, init_models, load_models,
-                               make_heatmap_fn, scale_heatmaps, to_model_space,
-                               translate_python_loop)
+from daug_jax.config import load_config
+from daug_jax.data import pipeline, registry
+from daug_jax.diffusion.schedule import to_model_space
+from daug_jax.files import as_json, pause_for_test, read_json, write_json
+from daug_jax.heatmaps import (HeatmapFn, calibrate_scale, load_models, make_heatmap_fn,
+                               make_translation, scale_heatmaps)
 from daug_jax.lock import workdir_lock
 
 _METADATA = "metadata.json"
 _CALIBRATION = "calibration.json"
 # Test-only fault injection (`files.pause_for_test`): stop once shard <k> is in place.
 PAUSE_AFTER_SHARD = "DAUG_TEST_PAUSE_AFTER_SHARD"
-
-
-def _shard_name(k: int, num_shards: int) -> str:
-    return f"heatmaps-{k:05d}-of-{num_shards:05d}.array_record"
 
 
 def _num_records(path: str) -> int | None:
@@ -60,21 +53,15 @@ def _num_records(path: str) -> int | None:
 
 def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scale_constant: float,
                           *, batch_size: int = 16, shard_size: int = 256, dtype: str = "uint8",
-                          extra_metadata: dict | None = None,
-                          process: tuple[int, int] | None = None) -> dict:
+                          extra_metadata: dict | None = None) -> dict:
     """Writes the heatmaps of every record of ``source``, aligned 1:1 with it; returns the metadata.
 
     source: random-access split whose records have "id" and "image" ([H, W, C] uint8, or float in
-    [0, 1]).  Record i of the output is
-    ``{"index": i, "id": source[i]["id"], "heatmaps": [H, W, K]}``
-    (uint8 = round(255 * channel), or float16), stored in array_record shards of ``shard_size``
-    records.  Each shard is written under a temporary name and renamed once complete, so a rerun
-    after an interruption redoes only the shards that are not there and the result has exactly one
-    record per source id.  With several processes (``process`` = (p, P), default
-    ``(jax.process_index(), jax.process_count())``), process p writes shards p, p + P, ...; a
-    killed process's shards are completed by the rerun.  ``metadata.json`` holds the scale
-    constant, the targets and the DDIM settings; a rerun with different settings is refused
-    rather than mixed in.
+    [0, 1]).  Record i of the output is ``{"index": i, "id": source[i]["id"], "heatmaps": [H, W,
+    K]}`` (uint8 = round(255 * channel), or float16), in array_record shards of ``shard_size``
+    records, each renamed into place once complete: a rerun redoes only the missing shards, and
+    the result has exactly one record per source id.  Of P processes (`job_process`), process p
+    writes shards p, p + P, ...  A rerun with other settings (`_store_metadata`) is refused.
     """
     if dtype not in ("uint8", "float16"):
         raise ValueError(f"dtype must be 'uint8' or 'float16', got {dtype!r}")
@@ -86,10 +73,10 @@ def write_heatmap_dataset(source: Any, out_dir: str, heatmap_fn: HeatmapFn, scal
     meta = _store_metadata(out_dir, {
         "num_records": n, "shard_size": shard_size, "dtype": dtype,
         "scale_constant": float(scale_constant),
-        "shards": [_shard_name(k, num_shards) for k in range(num_shards)],
+        "shards": [f"heatmaps-{k:05d}-of-{num_shards:05d}.array_record"
+                   for k in range(num_shards)],
         **heatmap_fn.settings(), **(extra_metadata or {})})
-    # Process p of P owns shards p, p + P, ...: each writes its own files, none waits for another.
-    index, count = (jax.process_index(), jax.process_count()) if process is None else process
+    index, count = job_process()
     mine = range(index, num_shards, count)
     for k in mine:                            # leftovers of this process's interrupted shards
         tmp = os.path.join(out_dir, meta["shards"][k] + ".tmp")
@@ -117,14 +104,12 @@ def _store_metadata(out_dir: str, meta: dict) -> dict:
     meta = as_json(meta)
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, _METADATA)
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-        if diff:
-            raise ValueError(f"{out_dir} holds heatmaps made with other settings "
-                             f"({', '.join(diff)}: {[old.get(k) for k in diff]} vs "
-                             f"{[meta.get(k) for k in diff]}); use another output directory")
+    old = read_json(meta_path, meta)  # a new directory: nothing to differ from
+    diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+    if diff:
+        raise ValueError(f"{out_dir} holds heatmaps made with other settings "
+                         f"({', '.join(diff)}: {[old.get(k) for k in diff]} vs "
+                         f"{[meta.get(k) for k in diff]}); use another output directory")
     write_json(meta_path, meta)  # every process writes the same bytes (atomic rename)
     return meta
 
@@ -158,19 +143,13 @@ def _write_shard(path: str, source: Any, rows: range, heatmap_fn: HeatmapFn,
 
 
 class HeatmapSource:
-    """Random access to a heatmap dataset: ``source[i] -> {"index", "id", "heatmaps"}``.
-
-    ``heatmaps``: [H, W, K] float32.
-
-    Values are the [0, 1] channels (uint8 storage decoded as v / 255).
-    """
+    """Random access to a heatmap dataset: ``source[i] -> {"index", "id", "heatmaps"}``, with
+    ``heatmaps`` [H, W, K] float32 the [0, 1] channels (uint8 storage decoded as v / 255)."""
 
     def __init__(self, directory: str):
-        path = os.path.join(directory, _METADATA)
-        if not os.path.exists(path):
+        self.metadata = read_json(os.path.join(directory, _METADATA))
+        if self.metadata is None:
             raise FileNotFoundError(f"no heatmap dataset in {directory} (missing {_METADATA})")
-        with open(path) as f:
-            self.metadata = json.load(f)
         paths = [os.path.join(directory, s) for s in self.metadata["shards"]]
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
@@ -185,25 +164,22 @@ class HeatmapSource:
         return len(self._records)
 
     def check_matches(self, source: Any, channels: int, samples: int = 64) -> None:
-        """Raises, naming the shapes or the id, unless these heatmaps belong to ``source``.
-
-        Checks the record count, the image size and the channel count (``channels`` heatmaps
-        expected) from the metadata, and the ids of ``samples`` records spread over the split
-        (every batch read later checks its own ids too).
+        """Raises, naming the shapes or the id, unless these heatmaps belong to ``source``: checks
+        the record count, the image size and the channel count (``channels`` heatmaps expected),
+        and the ids of ``samples`` records spread over the split (every batch read checks its own).
         """
         where = self.metadata.get("split", "?")
         if len(self) != len(source):
             raise ValueError(f"the heatmap dataset ({where}) has {len(self)} records, the image "
                              f"split {len(source)}: it was made from another split or dataset")
-        targets = self.metadata.get("targets", [])
+        targets = self.metadata["targets"]
         if len(targets) != channels:
             raise ValueError(f"the heatmap dataset has {len(targets)} channel(s) {targets}, the "
                              f"towers expect {channels} (model.vision.in_channels - 1)")
-        stored = self.metadata.get("image_shape")
-        first = source[0]
-        if stored is not None and list(np.shape(first["image"])[:2]) != list(stored[:2]):
+        stored, size = self.metadata.get("image_shape"), np.shape(source[0]["image"])[:2]
+        if stored is not None and list(size) != list(stored[:2]):
             raise ValueError(f"the heatmaps are {stored[0]}x{stored[1]}, the images "
-                             f"{'x'.join(map(str, np.shape(first['image'])[:2]))}")
+                             f"{'x'.join(map(str, size))}")
         for i in sorted({int(i) for i in np.linspace(0, len(source) - 1, samples)}):
             want, got = pipeline.read(source, [i])["id"][0], self[i]["id"]
             if str(want) != str(got):
@@ -213,8 +189,7 @@ class HeatmapSource:
     def _decode(self, raw: bytes) -> dict:
         record = serialization.msgpack_restore(raw)
         heat = record["heatmaps"]
-        record["heatmaps"] = (heat.astype(np.float32) / 255.0 if heat.dtype == np.uint8
-                              else heat.astype(np.float32))
+        record["heatmaps"] = heat.astype(np.float32) / (255.0 if heat.dtype == np.uint8 else 1.0)
         return record
 
     def __getitem__(self, index: int) -> dict:
@@ -225,43 +200,53 @@ class HeatmapSource:
 
 
 # ----------------------------------------------------------------------------- calibration
-def raw_heatmaps_of(heatmap_fn: HeatmapFn, source: Any, indices: Sequence[int],
-                    batch_size: int) -> np.ndarray:
-    """Raw heatmaps [N, H, W, K] of ``source`` records ``indices``, in padded batches."""
-    out = []
-    for start in tqdm(range(0, len(indices), batch_size), desc="calibration", unit="batch"):
-        index = np.asarray(indices[start:start + batch_size])
-        x = pipeline.pad_rows(to_model_space(pipeline.read(source, index)["image"]), batch_size)
-        out.append(jax.device_get(heatmap_fn(x)[1])[:len(index)])
-    return np.concatenate(out)
-
-
 def calibrate(heatmap_fn: HeatmapFn, source: Any, out_dir: str, *, num_images: int,
               percentile: float, batch_size: int) -> dict:
     """The dataset's scale constant, with how it was found: read from ``calibration.json`` or
     computed on the first ``num_images`` records of ``source`` and stored there."""
     path = os.path.join(out_dir, _CALIBRATION)
-    settings = {**heatmap_fn.settings(), "num_images": int(min(num_images, len(source))),
-                "percentile": float(percentile)}
-    settings = as_json(settings)
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
+    settings = as_json({**heatmap_fn.settings(), "num_images": int(min(num_images, len(source))),
+                        "percentile": float(percentile)})
+    stored = read_json(path)
+    if stored is not None:
         if {k: stored.get(k) for k in settings} != settings:
             raise ValueError(f"{path} was calibrated with other settings {stored}; "
                              f"use another output directory")
         return stored
-    raw = raw_heatmaps_of(heatmap_fn, source, range(settings["num_images"]), batch_size)
-    calibration = {**settings, "scale_constant": calibrate_scale(raw, percentile)}
+    raw = []  # [N, H, W, K] of the first N images, in padded batches
+    for start in tqdm(range(0, settings["num_images"], batch_size), desc="calibration",
+                      unit="batch"):
+        index = np.arange(start, min(start + batch_size, settings["num_images"]))
+        x = pipeline.pad_rows(to_model_space(pipeline.read(source, index)["image"]), batch_size)
+        raw.append(jax.device_get(heatmap_fn(x)[1])[:len(index)])
+    calibration = {**settings, "scale_constant": calibrate_scale(np.concatenate(raw), percentile)}
     os.makedirs(out_dir, exist_ok=True)
     write_json(path, calibration)
     return calibration
 
 
-# ----------------------------------------------------------------------------- CLI
-def _run(argv: list[str]) -> int:
-    from daug_jax.data import registry
+def job_process() -> tuple[int, int]:
+    """``(p, P)``: this process's index in its heatmap job and the job's process count, read
+    from ``DAUG_PROCESS_ID`` / ``DAUG_NUM_PROCESSES`` (or, under ``DAUG_DISTRIBUTED=auto``, from
+    JAX's runtime).  Otherwise the CLI leaves that runtime unjoined (`cli.py`): it would tie each
+    process to the others' lives, and a killed process should cost only its own shards."""
+    if os.environ.get("DAUG_DISTRIBUTED") == "auto":
+        return jax.process_index(), jax.process_count()
+    if not os.environ.get("DAUG_COORDINATOR"):
+        return 0, 1
+    count, index = int(os.environ["DAUG_NUM_PROCESSES"]), int(os.environ["DAUG_PROCESS_ID"])
+    if not 0 <= index < count:
+        raise ValueError(f"DAUG_PROCESS_ID={index} is not in [0, DAUG_NUM_PROCESSES={count})")
+    return index, count
 
+
+# ----------------------------------------------------------------------------- CLI
+# The CLI joins JAX's multi-process runtime for this command only under DAUG_DISTRIBUTED=auto.
+SHARES_COMPUTATION = False
+
+
+def main(command: str, argv: list[str]) -> int:
+    """The heatmap datasets of ``--splits`` under ``--out``, this process's shards."""
     parser = argparse.ArgumentParser(prog="daug-jax heatmaps", description=__doc__.splitlines()[0])
     parser.add_argument("--diffusion", default="runs/diffusion", help="diffusion workdir")
     parser.add_argument("--classifier", default="runs/classifier", help="classifier workdir")
@@ -272,117 +257,31 @@ def _run(argv: list[str]) -> int:
     parser.add_argument("--splits", default="train,validation,test")
     registry.add_data_args(parser)
     args = parser.parse_args(argv)
-    process = _job_process()
-    # One job per output directory; its processes share the lock (`daug_jax.lock`).
+    process = job_process()
     with workdir_lock(args.out, what="heatmaps"):
-        return _write_all(args, process)
-
-
-def _job_process() -> tuple[int, int]:
-    """``(p, P)``: this process's index in its heatmap job and the job's process count.
-
-    Read from ``DAUG_PROCESS_ID`` / ``DAUG_NUM_PROCESSES`` without joining JAX's distributed
-    runtime: the processes share no computation, and the runtime would tie each one to the
-    others' lives (a shutdown barrier at exit, heartbeats that abort the survivors when one
-    dies), where a killed process must cost only its own shards.  ``DAUG_DISTRIBUTED=auto``
-    (cluster discovery) still goes through the runtime.
-    """
-    from daug_jax import parallel
-
-    if os.environ.get("DAUG_DISTRIBUTED") == "auto":
-        parallel.maybe_initialize_distributed()
-        return jax.process_index(), jax.process_count()
-    if not os.environ.get("DAUG_COORDINATOR"):
-        return 0, 1
-    count, index = int(os.environ["DAUG_NUM_PROCESSES"]), int(os.environ["DAUG_PROCESS_ID"])
-    if not 0 <= index < count:
-        raise ValueError(f"DAUG_PROCESS_ID={index} is not in [0, DAUG_NUM_PROCESSES={count})")
-    return index, count
-
-
-def _write_all(args: argparse.Namespace, process: tuple[int, int]) -> int:
-    """The heatmap datasets of ``args.splits`` under ``args.out``, this process's shards."""
-    from daug_jax.config import load_config
-    from daug_jax.data import registry
-
-    config = load_config(args.config, args.set)
-    registry.apply_data_args(config, args)
-    h = config.heatmaps
-    models = load_models(args.diffusion, args.classifier)
-    heatmap_fn = make_heatmap_fn(
-        models.eps_fn, models.logit_fn, models.alpha_bar, args.targets or h.targets,
-        models.class_names, level=h.level, num_steps=h.num_steps, scale=h.scale,
-        smooth_sigma=h.smooth_sigma, image_shape=models.image_shape, max_level=models.max_level)
-    dataset = registry.open_dataset(config.data, image_size=models.image_shape[0])
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    sources = {s: dataset.source(s) for s in splits}
-    calibration = calibrate(heatmap_fn, sources[splits[0]], args.out,
-                            num_images=h.calibration.num_images,
-                            percentile=h.calibration.percentile, batch_size=h.batch_size)
-    scale_constant = calibration["scale_constant"]
-    print(f"heatmaps: {dataset.name}, targets {[t.spec for t in heatmap_fn.targets]}, scale "
-          f"constant {scale_constant:.4g} (raw |x_c - x0| at the {h.calibration.percentile}th "
-          f"percentile), process {process[0] + 1} of {process[1]}")
-    for split, source in sources.items():
-        meta = write_heatmap_dataset(
-            source, os.path.join(args.out, split), heatmap_fn, scale_constant,
-            batch_size=h.batch_size, shard_size=h.shard_size, dtype=h.dtype,
-            extra_metadata={"split": split, "dataset": dataset.name, "calibration": calibration},
-            process=process)
-        print(f"heatmaps {split}: {meta['num_records']} records in {len(meta['shards'])} shards "
-              f"under {os.path.join(args.out, split)}")
+        config = load_config(args.config, args.set)
+        registry.apply_data_args(config, args)
+        h = config.heatmaps
+        models = load_models(args.diffusion, args.classifier)
+        heatmap_fn = make_heatmap_fn(models, args.targets or h.targets,
+                                     make_translation(models, h), h.scale)
+        dataset = registry.open_dataset(config.data, image_size=models.image_shape[0])
+        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+        sources = {s: dataset.source(s) for s in splits}
+        calibration = calibrate(heatmap_fn, sources[splits[0]], args.out,
+                                num_images=h.calibration.num_images,
+                                percentile=h.calibration.percentile, batch_size=h.batch_size)
+        scale_constant = calibration["scale_constant"]
+        print(f"heatmaps: {dataset.name}, targets {[t.spec for t in heatmap_fn.targets]}, scale "
+              f"constant {scale_constant:.4g} (raw |x_c - x0| at the "
+              f"{h.calibration.percentile}th percentile), process {process[0] + 1} of "
+              f"{process[1]}")
+        for split, source in sources.items():
+            meta = write_heatmap_dataset(
+                source, os.path.join(args.out, split), heatmap_fn, scale_constant,
+                batch_size=h.batch_size, shard_size=h.shard_size, dtype=h.dtype,
+                extra_metadata={"split": split, "dataset": dataset.name,
+                                "calibration": calibration})
+            print(f"heatmaps {split}: {meta['num_records']} records in {len(meta['shards'])} "
+                  f"shards under {os.path.join(args.out, split)}")
     return 0
-
-
-def _bench(argv: list[str]) -> int:
-    from daug_jax.config import load_config
-    from daug_jax.data import synthetic
-
-    parser = argparse.ArgumentParser(prog="daug-jax bench heatmaps",
-                                     description="compiled program vs Python-dispatched loop")
-    parser.add_argument("--config", default="diffusion", help="model config (fresh weights)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--targets", default="Pleural Effusion,No Finding")
-    parser.add_argument("--level", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--scale", type=float, default=3.0)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.set)
-    models = init_models(config, (args.size, args.size, 1), synthetic.CLASS_NAMES,
-                         jax.random.key(0))
-    heatmap_fn = make_heatmap_fn(
-        models.eps_fn, models.logit_fn, models.alpha_bar, args.targets, models.class_names,
-        level=args.level, num_steps=args.steps, scale=args.scale, smooth_sigma=1.0,
-        image_shape=models.image_shape)
-    x = to_model_space(synthetic.generate(args.batch, image_size=args.size, seed=0)["image"])
-    work = args.batch * len(heatmap_fn.targets)
-    print(f"bench heatmaps: {jax.device_count()} x {jax.devices()[0].device_kind}, "
-          f"{args.size}x{args.size}, batch {args.batch}, {len(heatmap_fn.targets)} targets, "
-          f"L={args.level}, {args.steps} + {args.steps} DDIM steps")
-    runs = {"compiled program": lambda: heatmap_fn(x),
-            "python-dispatched loop": lambda: translate_python_loop(heatmap_fn, x)}
-    first, times = {}, {name: [] for name in runs}
-    for name, run in runs.items():
-        start = time.perf_counter()
-        jax.block_until_ready(run())              # compiles (whole program / each network call)
-        first[name] = time.perf_counter() - start
-    for _ in tqdm(range(args.repeats), desc="bench", leave=False):
-        for name, run in runs.items():           # interleaved: both see the same machine load
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            times[name].append(time.perf_counter() - start)
-    for name in runs:
-        best, median = min(times[name]), float(np.median(times[name]))
-        print(f"  {name:>22}: {best:.3f} s/batch best, {median:.3f} median -> "
-              f"{work / best:7.1f} images*classes/s (first call incl. compilation "
-              f"{first[name]:.1f} s)")
-    speedup = min(times["python-dispatched loop"]) / min(times["compiled program"])
-    print(f"  compiled / python-dispatched throughput (best of {args.repeats}): {speedup:.2f}x")
-    return 0
-
-
-def main(command: str, argv: list[str]) -> int:
-    return _bench(argv) if command == "bench heatmaps" else _run(argv)

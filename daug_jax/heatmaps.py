@@ -2,7 +2,8 @@
 
 For an image ``x0`` and a target (towards a class, or towards its absence):
 
-    x_c = translate(x0)                       # DDIM encode to level L, guided decode (sampling.py)
+    x_L = encode(x0)                          # DDIM up to level L, unguided
+    x_c = decode(x_L, guidance towards c)     # DDIM back down, classifier-guided
     h_c = |x_c - x0|, smoothed                # raw heatmap, image units
     channel_c = clip(h_c / scale_constant, 0, 1)
 
@@ -14,12 +15,9 @@ Targets are written as a class name (towards presence, e.g. "Pleural Effusion"),
 (towards absence) or "No Finding", which guides towards ``sigmoid(logit_NoFinding)``, i.e. towards
 a healthy image: its heatmap is an anomaly map.
 
-`Translation` is the one translation path (encode, K guided decodes, heatmaps), shared by the
-heatmap job, the localization check and the benchmark; `make_heatmap_fn` compiles it with fixed
-targets into one XLA program (decodes vmapped over targets).  `translate_python_loop` is the same
-computation dispatched step by step from Python (a reference for tests and the baseline of
-``daug-jax bench heatmaps``).  Writing the heatmaps of a whole dataset, reading them back and the
-CLI live in `daug_jax.heatmap_job`.
+`Translation` is the one translation path (its DDIM pieces: `daug_jax.diffusion.sampling`): the
+heatmap job and the benchmark compile `Translation.heatmaps` with fixed targets (`make_heatmap_fn`),
+the localization check jits its pieces.  Datasets of heatmaps and the CLI: `daug_jax.heatmap_job`.
 """
 
 from __future__ import annotations
@@ -35,8 +33,9 @@ import numpy as np
 from jax.tree_util import Partial
 
 from daug_jax import parallel
-from daug_jax.diffusion import sampling
-from daug_jax.diffusion.schedule import alphas_cumprod, ddim_step
+from daug_jax.diffusion import sampling, train
+from daug_jax.diffusion.sampling import Guidance
+from daug_jax.diffusion.schedule import alphas_cumprod
 
 
 # ----------------------------------------------------------------------------- targets
@@ -50,11 +49,9 @@ class Target:
 
 
 def parse_targets(targets: str | Sequence[str], class_names: Sequence[str]) -> tuple[Target, ...]:
-    """``"Pleural Effusion,no:Cardiomegaly,No Finding"`` -> Targets (class names case-insensitive).
-
-    "No Finding" is the presence of the classifier's "No Finding" class (towards healthy); a
-    classifier without that class rejects it like any unknown class.
-    """
+    """``"Pleural Effusion,no:Cardiomegaly,No Finding"`` -> Targets (class names case-insensitive);
+    "No Finding" is the presence of the classifier's "No Finding" class (towards healthy), which a
+    classifier without that class rejects like any unknown class."""
     specs = [s.strip() for s in (targets.split(",") if isinstance(targets, str) else targets)]
     if not specs or any(not s for s in specs):
         raise ValueError(f"heatmap targets must be non-empty class names, got {targets!r}")
@@ -77,11 +74,9 @@ def parse_targets(targets: str | Sequence[str], class_names: Sequence[str]) -> t
 
 # ----------------------------------------------------------------------------- heatmap math
 def blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """``[size, size] float64`` Gaussian smoothing along one axis with mirrored borders.
-
+    """``[size, size] float64`` Gaussian smoothing along one axis with mirrored borders:
     ``blur @ v`` equals ``scipy.ndimage.gaussian_filter1d(v, sigma, mode="reflect")``; a 2-D blur
-    is ``B_h @ h @ B_w.T``, a pair of small matmuls that run well on any accelerator.
-    """
+    is ``B_h @ h @ B_w.T``, a pair of small matmuls that run well on any accelerator."""
     radius = int(truncate * sigma + 0.5)
     offsets = np.arange(-radius, radius + 1)
     weights = np.exp(-0.5 * (offsets / sigma) ** 2)
@@ -89,16 +84,13 @@ def blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     cols = (np.arange(size)[:, None] + offsets[None, :]) % (2 * size)  # mirror: period 2 * size
     cols = np.where(cols >= size, 2 * size - 1 - cols, cols)
     out = np.zeros((size, size))
-    np.add.at(out, (np.repeat(np.arange(size), offsets.size), cols.ravel()),
-              np.tile(weights, size))
+    np.add.at(out, (np.arange(size)[:, None], cols), weights)  # row i: weights onto cols[i]
     return out
 
 
 def raw_heatmap(x0: jax.Array, translated: jax.Array, smooth_sigma: float = 0.0) -> jax.Array:
-    """|translated - x0| averaged over channels, optionally Gaussian-smoothed (sigma in pixels).
-
-    x0, translated: [B, H, W, C]  ->  [B, H, W] float32, in image units ([-1, 1] model space).
-    """
+    """|translated - x0| averaged over channels, optionally Gaussian-smoothed (sigma in pixels):
+    x0, translated [B, H, W, C] -> [B, H, W] float32, in image units ([-1, 1] model space)."""
     chex.assert_equal_shape([x0, translated])
     heat = jnp.mean(jnp.abs(translated.astype(jnp.float32) - x0.astype(jnp.float32)), axis=-1)
     if smooth_sigma > 0:
@@ -110,8 +102,7 @@ def raw_heatmap(x0: jax.Array, translated: jax.Array, smooth_sigma: float = 0.0)
 
 def calibrate_scale(raw: Any, percentile: float = 99.0) -> float:
     """The dataset-level scale constant: ``percentile`` of all raw heatmap values of a batch."""
-    raw = np.asarray(raw, np.float64)
-    value = float(np.percentile(raw, percentile))
+    value = float(np.percentile(np.asarray(raw, np.float64), percentile))
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"cannot calibrate heatmaps: the {percentile}th percentile of the raw "
                          f"values is {value} (did the translations change nothing?)")
@@ -125,19 +116,9 @@ def scale_heatmaps(raw: Any, scale_constant: float) -> np.ndarray:
     return np.clip(np.asarray(raw, np.float32) / np.float32(scale_constant), 0.0, 1.0)
 
 
-def to_model_space(images: Any) -> np.ndarray:
-    """Stored pixels -> the models' [-1, 1]: uint8 in [0, 255] or floats in [0, 1]; same shape."""
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 127.5 - 1.0
-    return images.astype(np.float32) * 2.0 - 1.0
-
-
 def check_images(x: Any, image_shape: Sequence[int] | None) -> np.ndarray:
-    """Raises a clear error for images the models cannot translate; returns ``x`` as float32 numpy.
-
-    x: [B, H, W, C] in [-1, 1]; image_shape: (H, W, C) the diffusion model was trained on.
-    """
+    """Raises a clear error for images the models cannot translate, else returns ``x`` as float32
+    numpy.  x: [B, H, W, C] in [-1, 1]; image_shape: the diffusion model's (H, W, C)."""
     x = np.asarray(x, np.float32)
     if x.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C], got shape {list(x.shape)}")
@@ -161,190 +142,23 @@ def check_images(x: Any, image_shape: Sequence[int] | None) -> np.ndarray:
     return x
 
 
-# ----------------------------------------------------------------------------- the program
-def as_partial(fn: Callable) -> Partial:
-    """A model closure as a pytree, so that jit takes its parameters as arguments (not constants).
+# ----------------------------------------------------------------------------- models
+def module_fn(module, params) -> Partial:
+    """``fn(x, t) = module.apply({"params": params}, x, t)`` as a pytree, so that jit takes the
+    parameters as arguments (not compiled constants)."""
+    return Partial(lambda p, x, t: module.apply({"params": p}, x, t), params)
 
-    ``Partial(apply, params)`` keeps ``params`` as traced leaves; a plain function becomes a
-    leafless Partial.
-    """
+
+def as_partial(fn: Callable) -> Partial:
+    """A model closure as a pytree (a plain function becomes a leafless Partial)."""
     return fn if isinstance(fn, Partial) else Partial(fn)
 
 
-def _apply_module(module, params, x, t):
-    return module.apply({"params": params}, x, t)
-
-
-def module_fn(module, params) -> Partial:
-    """``fn(x, t) = module.apply({"params": params}, x, t)`` with ``params`` visible to jit."""
-    return Partial(functools.partial(_apply_module, module), params)
-
-
-# What a heatmap is measured against: the film itself ("x0": the map holds the guidance's change
-# plus the DDIM inversion error) or its unguided DDIM reconstruction ("reconstruction": the
-# inversion error cancels, the map holds what the guidance changed; one more decode per film).
-REFERENCES = ("x0", "reconstruction")
-
-
-def check_reference(reference: str) -> str:
-    if reference not in REFERENCES:
-        raise ValueError(f"unknown heatmaps.reference {reference!r}; valid: {', '.join(REFERENCES)}")
-    return reference
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, jit takes methods
-class Translation:
-    """The one translation path: DDIM encode to level L, guided DDIM decodes, heatmaps.
-
-    The heatmap job and the benchmark run `heatmaps` (through `HeatmapFn`) as one compiled
-    program; the localization check jits the pieces, so that each film is encoded once and
-    decoded for several scales and per-film targets.  Models enter as `as_partial` closures.
-    """
-    alpha_bar: np.ndarray   # [T] float64
-    grid: np.ndarray        # [S + 1] int32 DDIM levels, 0 .. L (`sampling.ddim_grid`)
-    smooth_sigma: float     # Gaussian sigma of the maps in pixels (0: none)
-    unroll: int | bool      # `sampling.default_unroll`
-
-    def encode(self, eps_fn, x0: jax.Array) -> jax.Array:
-        """x0 [B, H, W, C] -> x_L [B, H, W, C], unguided DDIM up the grid."""
-        return sampling.ddim_encode(eps_fn, x0, self.alpha_bar, self.grid, unroll=self.unroll)
-
-    def reconstruct(self, eps_fn, x_L: jax.Array) -> jax.Array:
-        """x_L -> the unguided DDIM decode [B, H, W, C]: the film as the inversion returns it."""
-        return sampling.ddim_decode(eps_fn, x_L, self.alpha_bar, self.grid, unroll=self.unroll)
-
-    def decode(self, eps_fn, logit_fn, x_L, base, index, direction, scale):
-        """x_L, base [B, H, W, C]; index, direction: scalar or [B] (one target per row), scale
-        -> (translated x_c [B, H, W, C], raw heatmap |x_c - base| [B, H, W])."""
-        x_c = sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, self.alpha_bar, self.grid,
-                                          index, direction, scale, unroll=self.unroll)
-        return x_c, raw_heatmap(base, x_c, self.smooth_sigma)
-
-    def heatmaps(self, eps_fn, logit_fn, x0, *, index, direction, scale, reference="x0"):
-        """x0 [B, H, W, C]; index, direction: [K] targets -> (translated [K, B, H, W, C], raw
-        [B, H, W, K]); one encode, K decodes (and one reconstruction, see `REFERENCES`)."""
-        x_L = self.encode(eps_fn, x0)
-        base = x0 if reference == "x0" else self.reconstruct(eps_fn, x_L)
-        translated, raw = jax.vmap(
-            lambda i, d: self.decode(eps_fn, logit_fn, x_L, base, i, d, scale))(
-                jnp.asarray(index), jnp.asarray(direction))                 # raw: [K, B, H, W]
-        return translated, jnp.moveaxis(raw, 0, -1)
-
-
-def make_translation(alpha_bar: Any, *, level: int, num_steps: int, smooth_sigma: float = 0.0,
-                     max_level: int | None = None) -> Translation:
-    """The translation of ``num_steps`` DDIM moves each way to encode ``level`` (checked against
-    the classifier's ``max_level``, `check_level`)."""
-    check_level(level, max_level)
-    alpha_bar = np.asarray(alpha_bar, np.float64)
-    return Translation(alpha_bar, sampling.ddim_grid(len(alpha_bar), level, num_steps),
-                       float(smooth_sigma), sampling.default_unroll())
-
-
-@dataclasses.dataclass(frozen=True)
-class HeatmapFn:
-    """``heatmap_fn(x)``: checked input -> one compiled program -> (translated, raw heatmaps).
-
-    x: [B, H, W, C] float32 in [-1, 1]  ->  translated [K, B, H, W, C], raw [B, H, W, K].
-    The program is `Translation.heatmaps` with the targets, the scale and the reference fixed.
-    """
-    eps_fn: Partial
-    logit_fn: Partial
-    targets: tuple[Target, ...]
-    translation: Translation
-    scale: float
-    image_shape: tuple[int, ...] | None
-    program: Callable   # jitted (eps_fn, logit_fn, x) -> (translated, raw)
-    reference: str = "x0"
-
-    alpha_bar = property(lambda self: self.translation.alpha_bar)
-    grid = property(lambda self: self.translation.grid)
-    smooth_sigma = property(lambda self: self.translation.smooth_sigma)
-
-    def __call__(self, x: Any) -> tuple[jax.Array, jax.Array]:
-        x = check_images(x, self.image_shape)
-        devices = jax.local_devices()
-        if len(devices) > 1 and len(x) % len(devices) == 0:
-            # Split the batch over this host's accelerators; jit partitions the program to match.
-            x = jax.device_put(x, parallel.data_sharding(parallel.make_mesh(devices)))
-        return self.program(self.eps_fn, self.logit_fn, x)
-
-    def settings(self) -> dict:
-        """What produced the heatmaps (stored with a dataset)."""
-        return {"targets": [t.spec for t in self.targets], "level": int(self.grid[-1]),
-                "num_steps": len(self.grid) - 1, "guidance_scale": float(self.scale),
-                "smooth_sigma": float(self.smooth_sigma), "reference": self.reference,
-                "image_shape": None if self.image_shape is None else list(self.image_shape)}
-
-
-def make_heatmap_fn(eps_fn: Callable, logit_fn: Callable, alpha_bar: Any,
-                    targets: str | Sequence[str], class_names: Sequence[str], *, level: int,
-                    num_steps: int, scale: float, smooth_sigma: float = 0.0,
-                    image_shape: Sequence[int] | None = None, reference: str = "x0",
-                    max_level: int | None = None) -> HeatmapFn:
-    """Builds the compiled heatmap function (see `HeatmapFn`).
-
-    eps_fn(x, t) / logit_fn(x, t): model closures (`module_fn` keeps parameters out of the
-    compiled constants); alpha_bar: [T]; level: encode level L; num_steps: DDIM moves each way;
-    scale: guidance scale; smooth_sigma: Gaussian sigma in pixels (0: none); image_shape: (H, W, C)
-    the diffusion model was trained on, checked on every call; reference: see `REFERENCES`;
-    max_level: the classifier's highest trained level (`TranslationModels.max_level`), checked.
-    """
-    parsed = parse_targets(targets, class_names)
-    check_reference(reference)
-    translation = make_translation(alpha_bar, level=level, num_steps=num_steps,
-                                   smooth_sigma=smooth_sigma, max_level=max_level)
-    program = jax.jit(functools.partial(
-        translation.heatmaps, index=np.array([t.index for t in parsed], np.int32),
-        direction=np.array([t.direction for t in parsed], np.float32), scale=float(scale),
-        reference=reference))
-    return HeatmapFn(as_partial(eps_fn), as_partial(logit_fn), parsed, translation, float(scale),
-                     None if image_shape is None else tuple(int(s) for s in image_shape), program,
-                     reference)
-
-
-@jax.jit
-def _eps_call(eps_fn, x, t):
-    return eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
-
-
-@jax.jit
-def _guided_eps_call(eps_fn, logit_fn, x, t, alpha_bar_t, index, direction, scale):
-    return sampling.guided_eps(eps_fn, logit_fn, x, t, alpha_bar_t, index, direction, scale)
-
-
-def translate_python_loop(heatmap_fn: HeatmapFn, x: Any) -> tuple[jax.Array, jax.Array]:
-    """The same outputs as ``heatmap_fn(x)``, but each network evaluation is its own jitted call
-    and the loops over DDIM steps and targets run in Python (a reference and a benchmark baseline).
-    """
-    f = heatmap_fn
-    x0 = jnp.asarray(check_images(x, f.image_shape))
-    t, ab = sampling.grid_levels(f.alpha_bar, f.grid)
-    x_L = x0
-    for k in range(len(t) - 1):
-        x_L = ddim_step(x_L, _eps_call(f.eps_fn, x_L, t[k]), ab[k], ab[k + 1])
-
-    def descend(target=None):
-        """Down the grid, guided towards ``target`` (None: unguided, the reconstruction)."""
-        x_t = x_L
-        for k in range(len(t) - 1, 0, -1):
-            eps = (_eps_call(f.eps_fn, x_t, t[k]) if target is None else _guided_eps_call(
-                f.eps_fn, f.logit_fn, x_t, t[k], ab[k], target.index, target.direction, f.scale))
-            x_t = ddim_step(x_t, eps, ab[k], ab[k - 1])
-        return x_t
-
-    translated = jnp.stack([descend(g) for g in f.targets])
-    base = x0 if f.reference == "x0" else descend()
-    raw = jnp.stack([raw_heatmap(base, x_c, f.smooth_sigma) for x_c in translated], axis=-1)
-    return translated, raw
-
-
-# ----------------------------------------------------------------------------- models
 @dataclasses.dataclass(frozen=True)
 class TranslationModels:
     """The epsilon-UNet and noise-aware classifier as closures, with what they were trained on."""
-    eps_fn: Partial
-    logit_fn: Partial
+    eps_fn: Partial                 # (x [B, H, W, C], t [B]) -> eps [B, H, W, C]
+    logit_fn: Partial               # (x, t) -> logits [B, K]
     alpha_bar: np.ndarray           # [T] float64
     image_shape: tuple[int, ...]    # (H, W, C)
     class_names: tuple[str, ...]    # orders the classifier's logits
@@ -352,20 +166,8 @@ class TranslationModels:
     max_level: int | None = None    # the classifier's highest trained level (None: untrained)
 
 
-def check_level(level: int, max_level: int | None) -> int:
-    """Rejects an encode level above the classifier's trained ``max_level``: its gradient
-    there comes from inputs it never saw, and the guidance would steer by noise."""
-    if max_level is not None and level > max_level:
-        raise ValueError(f"heatmap encode level L = {level} is above the classifier's trained "
-                         f"levels (classifier.max_level = {max_level}); use a level <= "
-                         f"{max_level} or train the classifier up to {level}")
-    return level
-
-
 def load_models(diffusion_dir: str, classifier_dir: str) -> TranslationModels:
     """Loads both trained models and checks that they belong together."""
-    from daug_jax.diffusion import train
-
     # This process's devices only: translation is per image, so the processes of a heatmap job
     # work independently (each on its own shards) and never wait on one another.
     local = parallel.make_mesh(jax.local_devices())
@@ -388,8 +190,6 @@ def load_models(diffusion_dir: str, classifier_dir: str) -> TranslationModels:
 def init_models(config: Any, image_shape: Sequence[int], class_names: Sequence[str],
                 key: jax.Array) -> TranslationModels:
     """Freshly initialised models of a diffusion config (benchmarks: same cost as trained ones)."""
-    from daug_jax.diffusion import train
-
     unet, clf = train.make_unet(config), train.make_classifier(config, len(class_names))
     k_unet, k_clf = jax.random.split(key)
     x, t = jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32)
@@ -397,3 +197,97 @@ def init_models(config: Any, image_shape: Sequence[int], class_names: Sequence[s
     return TranslationModels(module_fn(unet, unet.init(k_unet, x, t)["params"]),
                              module_fn(clf, clf.init(k_clf, x, t)["params"]), alpha_bar,
                              tuple(image_shape), tuple(class_names), config)
+
+
+# ----------------------------------------------------------------------------- the translation
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, jit takes methods
+class Translation:
+    """The one translation path: DDIM encode to level L, guided DDIM decodes, heatmaps.  Models
+    enter as closures (`TranslationModels.eps_fn`, ``logit_fn``), arguments of every method, so
+    that jit takes their parameters as inputs."""
+    alpha_bar: np.ndarray   # [T] float64
+    grid: np.ndarray        # [S + 1] int32 DDIM levels, 0 .. L (`sampling.ddim_grid`)
+    smooth_sigma: float     # Gaussian sigma of the maps in pixels (0: none)
+    reference: str          # what a map is measured against (`config.REFERENCES`)
+    unroll: int | bool      # how far the step loops unroll
+
+    def encode(self, eps_fn, x0: jax.Array) -> jax.Array:
+        """x0 [B, H, W, C] -> x_L [B, H, W, C], unguided DDIM up the grid."""
+        return sampling.ddim_encode(eps_fn, x0, self.alpha_bar, self.grid, unroll=self.unroll)
+
+    def reconstruct(self, eps_fn, x_L: jax.Array) -> jax.Array:
+        """x_L -> the unguided DDIM decode [B, H, W, C]: the film as the inversion returns it."""
+        return sampling.ddim_decode(eps_fn, x_L, self.alpha_bar, self.grid, unroll=self.unroll)
+
+    def decode(self, eps_fn, logit_fn, x_L, base, guidance: Guidance):
+        """x_L, base [B, H, W, C]; guidance: one target, or one per row (`Guidance`) ->
+        (translated x_c [B, H, W, C], raw heatmap |x_c - base| [B, H, W])."""
+        x_c = sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, self.alpha_bar, self.grid,
+                                          guidance, unroll=self.unroll)
+        return x_c, raw_heatmap(base, x_c, self.smooth_sigma)
+
+    def heatmaps(self, eps_fn, logit_fn, x0, guidance: Guidance):
+        """x0 [B, H, W, C]; guidance with index, direction [K] (K targets) -> (translated
+        [K, B, H, W, C], raw [B, H, W, K]); one encode, K decodes (and one reconstruction, see
+        `config.REFERENCES`)."""
+        x_L = self.encode(eps_fn, x0)
+        base = x0 if self.reference == "x0" else self.reconstruct(eps_fn, x_L)
+        translated, raw = jax.vmap(lambda i, d: self.decode(
+            eps_fn, logit_fn, x_L, base, Guidance(i, d, guidance.scale)))(
+                jnp.asarray(guidance.index), jnp.asarray(guidance.direction))  # raw: [K, B, H, W]
+        return translated, jnp.moveaxis(raw, 0, -1)
+
+
+def make_translation(models: TranslationModels, settings: Any,
+                     level: int | None = None) -> Translation:
+    """The translation of ``models`` with a config's ``heatmaps`` settings (``num_steps`` DDIM
+    moves each way, ``smooth_sigma``, ``reference``, ``unroll``) to encode level ``level``
+    (default ``settings.level``), at most the classifier's trained ``max_level``."""
+    level = int(settings["level"] if level is None else level)
+    if models.max_level is not None and level > models.max_level:
+        # Above it the classifier's gradient comes from inputs it never saw: guidance by noise.
+        raise ValueError(f"heatmap encode level L = {level} is above the classifier's trained "
+                         f"levels (classifier.max_level = {models.max_level}); use a level <= "
+                         f"{models.max_level} or train the classifier up to {level}")
+    alpha_bar = np.asarray(models.alpha_bar, np.float64)
+    grid = sampling.ddim_grid(len(alpha_bar), level, int(settings["num_steps"]))
+    return Translation(alpha_bar, grid, float(settings["smooth_sigma"]),
+                       str(settings["reference"]), settings["unroll"])
+
+
+@dataclasses.dataclass(frozen=True)
+class HeatmapFn:
+    """``heatmap_fn(x)``: `Translation.heatmaps` compiled with the targets and scale fixed, on a
+    checked x [B, H, W, C] float32 in [-1, 1] -> (translated [K, B, H, W, C], raw [B, H, W, K])."""
+    models: TranslationModels
+    targets: tuple[Target, ...]
+    translation: Translation
+    scale: float
+    program: Callable   # jitted (eps_fn, logit_fn, x) -> (translated, raw)
+
+    def __call__(self, x: Any) -> tuple[jax.Array, jax.Array]:
+        x = check_images(x, self.models.image_shape)
+        devices = jax.local_devices()
+        if len(devices) > 1 and len(x) % len(devices) == 0:
+            # Split the batch over this host's accelerators; jit partitions the program to match.
+            x = jax.device_put(x, parallel.data_sharding(parallel.make_mesh(devices)))
+        return self.program(self.models.eps_fn, self.models.logit_fn, x)
+
+    def settings(self) -> dict:
+        """What produced the heatmaps (stored with a dataset)."""
+        t, shape = self.translation, self.models.image_shape
+        return {"targets": [target.spec for target in self.targets], "level": int(t.grid[-1]),
+                "num_steps": len(t.grid) - 1, "guidance_scale": float(self.scale),
+                "smooth_sigma": float(t.smooth_sigma), "reference": t.reference,
+                "image_shape": None if shape is None else list(shape)}
+
+
+def make_heatmap_fn(models: TranslationModels, targets: str | Sequence[str],
+                    translation: Translation, scale: float) -> HeatmapFn:
+    """The compiled heatmap function (see `HeatmapFn`) of ``models`` for ``targets``
+    (`parse_targets`) along ``translation`` (`make_translation`) at guidance ``scale``."""
+    parsed = parse_targets(targets, models.class_names)
+    guidance = Guidance(np.array([t.index for t in parsed], np.int32),
+                        np.array([t.direction for t in parsed], np.float32), float(scale))
+    program = jax.jit(functools.partial(translation.heatmaps, guidance=guidance))
+    return HeatmapFn(models, parsed, translation, float(scale), program)

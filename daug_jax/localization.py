@@ -14,8 +14,8 @@ Modes per localized class c, by the regions a dataset carries:
 Each reports the hit rate, its chance level (mean area fraction of the region: the hit rate of a
 uniformly random point) and the share of heatmap energy inside the region, per class and pooled.
 Every film is encoded once; the guided decode (one target per case) is repeated per guidance
-scale, which is how the sweep over scales stays affordable (the pieces of `heatmaps.Translation`,
-the heatmap job's own translation path).  Figures: `daug_jax.localization_figures`.
+scale, which is how the sweep over scales stays affordable (with the pieces of the one translation
+path, `heatmaps.Translation`).  Figures: `daug_jax.figures`.
 
     daug-jax localize --diffusion runs/diffusion --classifier runs/classifier \\
         --out runs/localization [--data nih_cxr14 --data-dir DIR]
@@ -31,12 +31,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from daug_jax import metrics
-from daug_jax.data.pipeline import pad_rows
+from daug_jax import metrics, stats
+from daug_jax.config import load_config
+from daug_jax.data import pipeline, registry
+from daug_jax.data.registry import NO_FINDING
+from daug_jax.diffusion.sampling import Guidance
+from daug_jax.diffusion.schedule import to_model_space
 from daug_jax.files import write_json
-from daug_jax.heatmaps import (TranslationModels, check_reference, make_translation,
+from daug_jax.heatmaps import (Translation, TranslationModels, load_models, make_translation,
                                raw_heatmap)
-from daug_jax.localization_figures import plot_examples, plot_sweep
+from daug_jax.figures import plot_examples, plot_sweep
 
 # mode -> (region field, label the film must have, guidance target): "absent" = no:<class>,
 # "present" = <class>, "healthy" = "No Finding".
@@ -46,7 +50,6 @@ MODE_SPECS = {
     "site": {"sites": (0, "present")},
 }
 MODES = ("anomaly", "site")  # the synthetic benchmark's (masks and sites)
-NO_FINDING = "No Finding"
 
 
 def modes_for(fields: Sequence[str]) -> dict[str, tuple[str, int, str]]:
@@ -72,29 +75,28 @@ def select_cases(labels: np.ndarray, regions: dict[str, np.ndarray],
     "boxes"), C ordered as ``data_classes``; modes: `modes_for` output (default: from the
     fields).  A case needs the mode's label (uncertain films are left out) and a non-empty
     region.  Returns ``{mode: {"image": [M] int, "class": [M] int (index into data_classes),
-    "region": [M, H, W]}}``.  The region is class c's, except in the channel mode: the map
-    towards "No Finding" is one map for every finding, so its region is the union of the
-    regions of all ``classes`` the film is positive for (a peak on the film's other finding is
-    a hit, not a miss); its cases are still listed, and reported, by class.
+    "region": [M, H, W], "target": the mode's guidance target}}``.  The region is class c's,
+    except in the channel mode, whose one map serves every finding: the union of the regions of
+    all ``classes`` the film is positive for (a peak on its other finding is a hit); its cases
+    are still listed, and reported, by class.
     """
     modes = modes or modes_for(regions)
     order = np.random.default_rng(seed).permutation(len(labels))
+    columns = [list(data_classes).index(name) for name in classes]
     cases = {}
-    for mode, (field, wanted, _) in modes.items():
+    for mode, (field, wanted, target) in modes.items():
         rows, cols = [], []
-        for name in classes:
-            c = list(data_classes).index(name)
+        for c in columns:
             keep = (labels[:, c] == wanted) & regions[field][:, c].any(axis=(1, 2))
             chosen = order[keep[order]][:per_class]
             rows += chosen.tolist()
             cols += [c] * len(chosen)
         rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
         region = regions[field][rows, cols]
-        if modes[mode][2] == "healthy":
-            columns = [list(data_classes).index(name) for name in classes]
+        if target == "healthy":
             positive = labels[rows][:, columns] == 1                         # [M, C'']
             region = (regions[field][rows][:, columns] & positive[:, :, None, None]).any(axis=1)
-        cases[mode] = {"image": rows, "class": cols, "region": region}
+        cases[mode] = {"image": rows, "class": cols, "region": region, "target": target}
     return cases
 
 
@@ -110,64 +112,58 @@ def swapped_classes(classes: np.ndarray) -> np.ndarray | None:
 def _guidance(models, mode_target: str, classes: np.ndarray, data_classes, swapped: bool):
     """(classifier index [M], direction [M]) of a mode's guidance for cases of ``classes``; the
     swapped control guides another finding the same way ("No Finding": removes another one)."""
-    logit_index = {c: models.class_names.index(name) for c, name in enumerate(data_classes)
-                   if name in models.class_names}
     if mode_target == "healthy" and not swapped:
         if NO_FINDING not in models.class_names:
             raise ValueError(f"the channel mode guides towards {NO_FINDING!r}, which the "
                              f"classifier does not predict ({list(models.class_names)})")
         return (np.full(len(classes), models.class_names.index(NO_FINDING), np.int32),
                 np.ones(len(classes), np.float32))
-    direction = 1.0 if mode_target == "present" else -1.0
-    return (np.array([logit_index[c] for c in classes], np.int32),
-            np.full(len(classes), direction, np.float32))
+    return (np.array([models.class_names.index(data_classes[c]) for c in classes], np.int32),
+            np.full(len(classes), 1.0 if mode_target == "present" else -1.0, np.float32))
 
 
-def translate_cases(models: TranslationModels, images: np.ndarray, cases: dict, *,
-                    scales: Sequence[float], level: int, num_steps: int, smooth_sigma: float,
-                    batch_size: int, data_classes: Sequence[str], modes: dict | None = None,
-                    reference: str = "x0", swapped_modes: Sequence[str] | None = None) -> dict:
+def translate_cases(models: TranslationModels, translation: Translation, images: np.ndarray,
+                    cases: dict, *, scales: Sequence[float], batch_size: int,
+                    data_classes: Sequence[str],
+                    swapped_modes: Sequence[str] | None = None) -> dict:
     """Guided translations and raw heatmaps of every case at every scale, with two controls.
 
-    images: [N, H, W, 1] float32 in [-1, 1]; modes: `modes_for` output, which says each mode's
-    guidance target (default: the synthetic benchmark's); reference: what the maps are measured
-    against (`heatmaps.REFERENCES`).  Controls: "unguided" — the map of the unguided DDIM
-    reconstruction against the film, |DDIM(x0) − x0| (what a map holds without any guidance:
-    the inversion error), and "swapped" — the same films guided the mode's way towards another
-    finding (`swapped_classes`), at each scale, for the modes in ``swapped_modes`` (default:
-    every mode; the others get None).  Returns ``{"scales": {scale: {mode:
+    images: [N, H, W, 1] float32 in [-1, 1]; cases: `select_cases` output; translation:
+    `heatmaps.make_translation`.  Controls: "unguided" — |DDIM(x0) − x0|, what a map holds
+    without guidance (the inversion error); "swapped" — the same films guided the mode's way
+    towards another finding (`swapped_classes`), at each scale, for the modes in ``swapped_modes``
+    (default: every mode; the others get None).  Returns ``{"scales": {scale: {mode:
     {"translated": [M, H, W, 1], "heatmap": [M, H, W], "swapped": [M, H, W] or None}}},
-    "unguided": {mode: [M, H, W]}}`` (numpy).  Every film is encoded once (`heatmaps.Translation`).
+    "unguided": {mode: [M, H, W]}}`` (numpy).  Every film is encoded once.
     """
-    check_reference(reference)
-    translation = make_translation(models.alpha_bar, level=level, num_steps=num_steps,
-                                   smooth_sigma=smooth_sigma, max_level=models.max_level)
     used = np.unique(np.concatenate([cases[m]["image"] for m in cases]))
+    encode, reconstruct = jax.jit(translation.encode), jax.jit(translation.reconstruct)
     x_L, recon = np.zeros_like(images), np.zeros_like(images)
-    x_L[used], recon[used] = _encode_films(models, translation, images[used], batch_size)
-    base = images if reference == "x0" else recon
+    x_L[used] = _in_batches(lambda x: encode(models.eps_fn, x), batch_size, images[used],
+                            desc="encode")
+    recon[used] = _in_batches(lambda x: reconstruct(models.eps_fn, x), batch_size, x_L[used])
+    base = images if translation.reference == "x0" else recon
     decode = jax.jit(translation.decode)
 
     def run(rows, index, direction, scale):
-        """Guided decodes of films ``rows`` (one target each) -> (x_c [M, ...], heat [M, H, W])."""
-        return _in_batches(lambda *a: decode(models.eps_fn, models.logit_fn, *a, np.float32(scale)),
+        """Decodes of films ``rows``, one target each -> (x_c [M, ...], heat [M, H, W])."""
+        return _in_batches(lambda x, b, i, d: decode(models.eps_fn, models.logit_fn, x, b,
+                                                     Guidance(i, d, np.float32(scale))),
                            batch_size, x_L[rows], base[rows], index, direction)
 
-    modes = modes or {m: MODE_SPECS[m].get("masks", MODE_SPECS[m].get("sites")) for m in cases}
     out = {"scales": {}, "unguided": {
         m: np.asarray(raw_heatmap(images[cases[m]["image"]], recon[cases[m]["image"]],
-                                  smooth_sigma)) for m in cases}}
+                                  translation.smooth_sigma)) for m in cases}}
     for scale in tqdm(scales, desc="guided decode", unit="scale"):
-        out["scales"][float(scale)] = {}
+        by_mode = out["scales"][float(scale)] = {}
         for mode in cases:
-            img, cls, target = cases[mode]["image"], cases[mode]["class"], modes[mode][-1]
+            img, cls, target = cases[mode]["image"], cases[mode]["class"], cases[mode]["target"]
             x_c, heat = run(img, *_guidance(models, target, cls, data_classes, False), scale)
             other = (swapped_classes(cls) if swapped_modes is None or mode in swapped_modes
                      else None)
             swapped = None if other is None else run(
                 img, *_guidance(models, target, other, data_classes, True), scale)[1]
-            out["scales"][float(scale)][mode] = {"translated": x_c, "heatmap": heat,
-                                                 "swapped": swapped}
+            by_mode[mode] = {"translated": x_c, "heatmap": heat, "swapped": swapped}
     return out
 
 
@@ -178,18 +174,10 @@ def _in_batches(fn, batch_size: int, *arrays: np.ndarray, desc: str | None = Non
     starts = range(0, len(arrays[0]), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch") if desc else starts:
         n = len(arrays[0][start:start + batch_size])
-        outputs = jax.device_get(fn(*(pad_rows(a[start:start + batch_size], batch_size)
+        outputs = jax.device_get(fn(*(pipeline.pad_rows(a[start:start + batch_size], batch_size)
                                       for a in arrays)))
         parts.append(jax.tree.map(lambda v: v[:n], outputs))
     return jax.tree.map(lambda *p: np.concatenate(p), *parts)
-
-
-def _encode_films(models: TranslationModels, translation, images: np.ndarray,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """images [M, H, W, 1] -> (x_L, unguided reconstruction), both [M, H, W, 1] numpy."""
-    encode, reconstruct = jax.jit(translation.encode), jax.jit(translation.reconstruct)
-    x_L = _in_batches(lambda x: encode(models.eps_fn, x), batch_size, images, desc="encode")
-    return x_L, _in_batches(lambda x: reconstruct(models.eps_fn, x), batch_size, x_L)
 
 
 def _game(heat: np.ndarray, region: np.ndarray, cls: np.ndarray, data_classes) -> dict:
@@ -204,8 +192,6 @@ def score(out: dict, scale: float, cases: dict, data_classes: Sequence[str]) -> 
     controls: {"unguided": ..., "swapped": ...} of the same keys, each also carrying
     "difference" = guided − control over the same films ({"mean", "ci95"}, `stats`).
     JSON-ready.  out: `translate_cases` output."""
-    from daug_jax import stats
-
     result = {}
     for mode in cases:
         region, cls = cases[mode]["region"], cases[mode]["class"]
@@ -216,12 +202,10 @@ def score(out: dict, scale: float, cases: dict, data_classes: Sequence[str]) -> 
         result[mode] = _game(guided["heatmap"], region, cls, data_classes)
         hits = metrics.pointing_hits(guided["heatmap"], region).astype(np.float64)
         for name, heat in (("unguided", out["unguided"][mode]), ("swapped", guided["swapped"])):
-            if heat is None:
-                result[mode][name] = None
-                continue
-            result[mode][name] = _game(heat, region, cls, data_classes)
-            control = metrics.pointing_hits(heat, region).astype(np.float64)
-            result[mode][name]["difference"] = stats.paired_difference(hits, control)
+            result[mode][name] = None if heat is None else _game(heat, region, cls, data_classes)
+            if heat is not None:
+                control = metrics.pointing_hits(heat, region).astype(np.float64)
+                result[mode][name]["difference"] = stats.paired_difference(hits, control)
     return result
 
 
@@ -235,8 +219,6 @@ def collect_films(source, modes: dict, classes: Sequence[str], data_classes: Seq
     cases, not by the split: NIH's boxed films are 880 of 112,120.  Returns ``{"image" [M, H, W,
     1] float32 in [0, 1], "labels" [M, C], field: [M, C, H, W]}`` for `select_cases`.
     """
-    from daug_jax.data import pipeline
-
     columns = [list(data_classes).index(c) for c in classes]
     counts = {(m, c): 0 for m in modes for c in columns}
     kept: dict[str, list] = {}
@@ -267,25 +249,8 @@ def _interval(effect: dict) -> str:
     return f"{effect['mean']:+.2f} [{effect['ci95'][0]:+.2f}, {effect['ci95'][1]:+.2f}]"
 
 
-def _parse_args(command: str, argv: list[str]) -> argparse.Namespace:
-    from daug_jax.data import registry
-
-    parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--diffusion", default="runs/diffusion")
-    parser.add_argument("--classifier", default="runs/classifier")
-    parser.add_argument("--out", default="runs/localization")
-    parser.add_argument("--config", default="heatmaps", help="experiments/<name>.py or a .py path")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--scale", type=float, help="guidance scale of the main result (config)")
-    parser.add_argument("--sweep", help="comma-separated guidance scales (config)")
-    parser.add_argument("--split", default="test", help="split whose films are scored")
-    registry.add_data_args(parser)
-    return parser.parse_args(argv)
-
-
 def _cases_of(dataset, split: str, models: TranslationModels, loc, seed: int):
-    """The scored cases of ``split``: (data_classes, modes, non-empty cases, films in [-1, 1])."""
+    """The scored cases of ``split``: (data_classes, non-empty cases, films in [-1, 1])."""
     data_classes = list(dataset.class_names)
     modes = modes_for(dataset.builder.info.features.keys())
     # Every class the data has a region for and the classifier can guide ("No Finding": none).
@@ -296,7 +261,7 @@ def _cases_of(dataset, split: str, models: TranslationModels, loc, seed: int):
     cases = select_cases(data["labels"], regions, data_classes, classes, loc.cases_per_class,
                          seed, modes)
     cases = {m: c for m, c in cases.items() if len(c["class"])}
-    return data_classes, modes, cases, data["image"] * 2.0 - 1.0
+    return data_classes, cases, to_model_space(data["image"])
 
 
 def _print_summary(results: dict, cases: dict, scales: list[float], scale: float) -> None:
@@ -308,7 +273,8 @@ def _print_summary(results: dict, cases: dict, scales: list[float], scale: float
     for mode in cases:
         r = results[float(scale)][mode]
         controls = [f"{c} {r[c]['pointing_game']:.2f} (guided - {c} "
-                    f"{_interval(r[c]['difference'])})" for c in ("unguided", "swapped") if r.get(c)]
+                    f"{_interval(r[c]['difference'])})"
+                    for c in ("unguided", "swapped") if r.get(c)]
         print(f"localize: {mode} at scale {scale:g}: guided {r['pointing_game']:.2f}; "
               + "; ".join(controls))
         for name, r in results[float(scale)][mode]["per_class"].items():
@@ -317,46 +283,48 @@ def _print_summary(results: dict, cases: dict, scales: list[float], scale: float
 
 
 def main(command: str, argv: list[str]) -> int:
-    from daug_jax.config import load_config
-    from daug_jax.data import registry
-    from daug_jax.heatmaps import load_models
-
-    args = _parse_args(command, argv)
+    parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--diffusion", default="runs/diffusion")
+    parser.add_argument("--classifier", default="runs/classifier")
+    parser.add_argument("--out", default="runs/localization")
+    parser.add_argument("--config", default="heatmaps", help="experiments/<name>.py or a .py path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--scale", type=float, help="guidance scale of the main result (config)")
+    parser.add_argument("--sweep", help="comma-separated guidance scales (config)")
+    parser.add_argument("--split", default="test", help="split whose films are scored")
+    registry.add_data_args(parser)
+    args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     registry.apply_data_args(config, args)
     h = config.heatmaps
     loc = h.localization
     models = load_models(args.diffusion, args.classifier)
     scale = h.scale if args.scale is None else args.scale
-    sweep = ([float(s) for s in args.sweep.split(",")] if args.sweep
-             else [float(s) for s in loc.sweep_scales])
+    sweep = [float(s) for s in (args.sweep.split(",") if args.sweep else loc.sweep_scales)]
     scales = sorted(set(sweep) | {float(scale)})
     dataset = registry.open_dataset(config.data, image_size=models.image_shape[0])
     if not dataset.localized:
-        raise ValueError(f"{dataset.name} has no lesion masks, sites or boxes to score the pointing "
-                         f"game against (datasets with them: "
+        raise ValueError(f"{dataset.name} has no lesion masks, sites or boxes to score the "
+                         f"pointing game against (datasets with them: "
                          f"{', '.join(n for n, e in registry.REGISTRY.items() if e.localized)})")
-    seed, size = int(config.data.get("seed", 0)), models.image_shape[0]
-    data_classes, modes, cases, images = _cases_of(dataset, args.split, models, loc, seed)
-    reference = h.get("reference", "x0")
-    out = translate_cases(models, images, cases, scales=scales, level=h.level,
-                          num_steps=h.num_steps, smooth_sigma=h.smooth_sigma,
-                          batch_size=loc.batch_size, data_classes=data_classes, modes=modes,
-                          reference=reference)
+    seed, size = int(config.data.seed), models.image_shape[0]
+    data_classes, cases, images = _cases_of(dataset, args.split, models, loc, seed)
+    out = translate_cases(models, make_translation(models, h), images, cases, scales=scales,
+                          batch_size=loc.batch_size, data_classes=data_classes)
     results = {s: score(out, s, cases, data_classes) for s in scales}
-    settings = {"guidance_scale": float(scale), "level": h.level, "reference": reference,
+    settings = {"guidance_scale": float(scale), "level": h.level, "reference": h.reference,
                 "num_steps": h.num_steps, "smooth_sigma": h.smooth_sigma, "dataset": dataset.name,
                 "split": args.split, "image_size": size, "seed": seed, "pool_size": loc.pool_size,
                 "cases_per_class": loc.cases_per_class, "diffusion": args.diffusion,
                 "classifier": args.classifier}
-    os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "localization.json"),
                {**results[float(scale)], "settings": settings})
     plot_examples(os.path.join(args.out, "localization.png"), images, cases,
                   out["scales"][float(scale)], data_classes, loc.examples_per_class)
-    write_json(os.path.join(args.out, "guidance_sweep.json"),
-               {"settings": settings, "scales": {str(s): results[s] for s in sweep}})
-    plot_sweep(os.path.join(args.out, "guidance_sweep.png"), {str(s): results[s] for s in sweep})
+    swept = {"settings": settings, "scales": {str(s): results[s] for s in sweep}}
+    write_json(os.path.join(args.out, "guidance_sweep.json"), swept)
+    plot_sweep(os.path.join(args.out, "guidance_sweep.png"), swept["scales"])
     _print_summary(results, cases, scales, scale)
     print(f"localize: results and figures in {args.out}")
     return 0

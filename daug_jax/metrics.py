@@ -1,12 +1,13 @@
-"""Evaluation metrics: cross-modal retrieval, per-class AUROC and heatmap localisation.
+"""Evaluation metrics: cross-modal retrieval (Recall@k, Precision@k, the class-based AP@k of the
+authors' evaluation), classification (zero-shot scores, per-class AUROC), the chance level of
+every reported metric (its expectation under random embeddings), and the pointing game of
+heatmap localisation.  NumPy in, Python floats (or small NumPy arrays) out, ready for JSON.
 
-NumPy in, Python floats (or small NumPy arrays) out, so results drop straight into JSON.
-Labels follow CheXpert: 1 positive, 0 negative; anything else only where masked out.
-
-The retrieval metrics (Recall@k, Precision@k, class-based AP@k and their chance levels) are in
-`daug_jax.retrieval`, with their conventions for similarity matrices and ties, and re-exported
-here.  This module holds classification (zero-shot scores, AUROC), `chance_levels` of every
-reported metric and the pointing game.
+* A similarity matrix ``[Q, G]`` has queries as rows and gallery items as columns.
+* Ties are broken so that results are deterministic and do not depend on sort internals:
+  Recall@k counts only *strictly* greater scores against the true match (a tie with it is a
+  hit); Precision@k and class-based AP@k rank equal scores by gallery index, lower first.
+* Labels follow CheXpert: 1 positive, 0 negative; anything else only where masked out.
 """
 
 from __future__ import annotations
@@ -14,47 +15,194 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy.special import expit
+from scipy.stats import hypergeom
 from sklearn.metrics import roc_auc_score
 
 from daug_jax.losses import class_logits
-from daug_jax.retrieval import (  # noqa: F401  (re-exported: callers use metrics.<name>)
-    MAP_KS, RECALL_KS, ClassMapAccumulator, _array, _class_means, _same_shape, _top_k,
-    class_map_at_k, class_map_chance, class_map_finalize, class_map_sums, precision_at_k,
-    recall_at_k, recall_chance, retrieval_metrics)
+
+MAP_KS = (1, 3, 5, 10)  # the authors' K of class-based AP@K
+RECALL_KS = (1, 5, 10)
+
+
+# ----------------------------------------------------------------------------- input checks
+def _array(x, name: str, ndim: int, dtype=np.float64) -> np.ndarray:
+    x = np.asarray(x, dtype=dtype)
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+    return x
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b} has shape {b.shape}, expected {a.shape} like {name_a}")
+
+
+def _class_means(values: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """(mean, weighted mean) of per-class values [C] over the classes with a value and weight."""
+    if not (ok := ~np.isnan(values) & (weights > 0)).any():
+        return float("nan"), float("nan")
+    return float(values[ok].mean()), float((weights[ok] * values[ok]).sum() / weights[ok].sum())
+
+
+# ----------------------------------------------------------------------------- retrieval
+def recall_at_k(similarity, k: int) -> float:
+    """Fraction of queries whose true match ranks in the top k (fewer than k entries of row i
+    strictly greater than similarity[i, i]).  similarity: [Q, G], G >= Q, match of query i in
+    column i."""
+    sim = _array(similarity, "similarity", 2)
+    q, g = sim.shape
+    if g < q:
+        raise ValueError(f"similarity is {sim.shape}: need at least as many gallery columns as "
+                         f"queries, since the match of query i is column i")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    diag = sim[np.arange(q), np.arange(q)]
+    n_better = (sim > diag[:, None]).sum(axis=1)
+    return float(np.mean(n_better < k))
+
+
+def precision_at_k(similarity, query_labels, gallery_labels, k: int, *,
+                   exclude_self: bool = False) -> float:
+    """Mean over queries of (relevant items among the top k) / k; an item is relevant when it
+    shares a positive class with the query.  similarity: [Q, G]; query_labels: [Q, C];
+    gallery_labels: [G, C] (1 = positive).  exclude_self (query set == gallery set, Q == G):
+    query i's own item (column i) is removed from its gallery first."""
+    sim = _array(similarity, "similarity", 2)
+    ql, gl = _array(query_labels, "query_labels", 2), _array(gallery_labels, "gallery_labels", 2)
+    q, g = sim.shape
+    if ql.shape[0] != q:
+        raise ValueError(f"query_labels has {ql.shape[0]} rows, expected {q} (similarity rows)")
+    if gl.shape[0] != g:
+        raise ValueError(f"gallery_labels has {gl.shape[0]} rows, expected {g} "
+                         f"(similarity columns)")
+    if ql.shape[1] != gl.shape[1]:
+        raise ValueError(f"query_labels has {ql.shape[1]} classes, gallery_labels {gl.shape[1]}")
+    if exclude_self and q != g:
+        raise ValueError(f"exclude_self needs the query set to be the gallery, got similarity "
+                         f"{sim.shape}")
+    available = g - 1 if exclude_self else g
+    if not 1 <= k <= available:
+        raise ValueError(f"k must be in [1, {available}] for a gallery of {available} items, "
+                         f"got {k}")
+
+    order = np.argsort(-sim, axis=1, kind="stable")  # [Q, G]; stable: ties to the lower index
+    if exclude_self:
+        order = order[order != np.arange(q)[:, None]].reshape(q, g - 1)
+    relevant = ((ql == 1).astype(np.int64) @ (gl == 1).T.astype(np.int64)) > 0  # [Q, G]
+    return float(np.take_along_axis(relevant, order[:, :k], axis=1).mean())
+
+
+# ---------------------------------------------------------------------------- class-based retrieval
+def _top_k(sim: np.ndarray, k: int, block: int = 64) -> np.ndarray:
+    """[q, G] -> [q, k] gallery indices: the first k of a stable sort of -sim, without one.  The
+    top k lie in the k ``block``-column blocks of highest maxima (or the tail); rows whose k-th
+    score recurs outside their top k (ties, rare for real scores) get the full stable sort."""
+    q, g = sim.shape
+    if k * block >= g:
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    nb = g // block
+    maxima = np.maximum.reduceat(sim[:, :nb * block], np.arange(0, nb * block, block), axis=1)
+    best = np.argpartition(-maxima, k - 1, axis=1)[:, :k]  # [q, k] blocks
+    cand = np.concatenate([(best[:, :, None] * block + np.arange(block)).reshape(q, -1),
+                           np.broadcast_to(np.arange(nb * block, g), (q, g - nb * block))], axis=1)
+    vals = np.take_along_axis(sim, cand, axis=1)
+    order = np.lexsort((cand, -vals), axis=1)[:, :k]
+    top = np.take_along_axis(cand, order, axis=1)
+    tied = np.count_nonzero(sim >= np.take_along_axis(vals, order[:, -1:], axis=1), axis=1) > k
+    if tied.any():
+        top[tied] = np.argsort(-sim[tied], axis=1, kind="stable")[:, :k]
+    return top
+
+
+def _block(similarity, query_labels, gallery_shape: tuple[int, int]):
+    """Validated (similarity [q, G] float, query positives [q, C] bool) of one query block."""
+    sim, ql, (g, c) = np.asarray(similarity), np.asarray(query_labels), gallery_shape
+    if sim.ndim != 2 or ql.ndim != 2 or sim.shape != (ql.shape[0], g) or ql.shape[1] != c:
+        raise ValueError(f"similarity {sim.shape} and query_labels {ql.shape} must be [q, {g}] and "
+                         f"[q, {c}] for gallery_labels [{g}, {c}]")
+    if sim.size and np.isnan(sim.max()):  # max propagates NaN: one fast pass
+        raise ValueError(f"similarity {sim.shape} has NaN at "
+                         f"{tuple(np.argwhere(np.isnan(sim))[0])}")
+    return (sim if sim.dtype.kind == "f" else sim.astype(np.float64)), ql == 1
+
+
+def class_map_sums(similarity, query_labels, gallery_labels, ks: Sequence[int] = MAP_KS):
+    """Per-class sums of AP@k (`class_map_at_k`) over one query block, every k from one top-k.
+    similarity [q, G]; query_labels [q, C]; gallery_labels [G, C] (1 = positive).  Returns (sums
+    [len(ks), C] float64: Σ of AP@k(q, c) over queries positive for c; counts [C] int64: those
+    queries).  Both add over blocks; `class_map_finalize` turns them into AP / mAP / wmAP."""
+    gl = _array(gallery_labels, "gallery_labels", 2, dtype=None)
+    sim, qpos = _block(similarity, query_labels, gl.shape)
+    if not (ks := [int(k) for k in ks]) or min(ks) < 1 or max(ks) > gl.shape[0]:
+        raise ValueError(f"every k must be in [1, {gl.shape[0]}] (the gallery size), got {ks}")
+    top = _top_k(sim, max(ks))  # [q, K]
+    rel = (gl == 1)[top]  # [q, K, C]: is the item at rank r positive for c
+    hits = rel.cumsum(axis=1)  # [q, K, C]: n, the number of positives so far
+    precision = np.where(rel, hits / np.arange(1, top.shape[1] + 1)[None, :, None], 0.0)
+    sums = np.empty((len(ks), gl.shape[1]))
+    for i, k in enumerate(ks):
+        ap = precision[:, :k].sum(axis=1) / np.maximum(hits[:, k - 1], 1)  # [q, C]; 0 if m = 0
+        sums[i] = (ap * qpos).sum(axis=0)
+    return sums, qpos.sum(axis=0).astype(np.int64)
+
+
+def class_map_finalize(sums, counts) -> dict:
+    """`class_map_at_k`'s dict from one row of `class_map_sums` (sums [C]) and its counts [C]."""
+    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+    ap = np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
+    mean, weighted = _class_means(ap, counts)
+    return {"AP": ap, "mAP": mean, "wmAP": weighted}
+
+
+def class_map_at_k(similarity, query_labels, gallery_labels, k: int) -> dict:
+    """Class-based AP@k of the authors' retrieval evaluation.
+
+    similarity [Q, G]; query_labels [Q, C]; gallery_labels [G, C] (1 = positive).  For a query
+    q positive for c, with r_1 < ... < r_m the ranks (1 = top) within the first k of gallery
+    items positive for c: AP@k(q, c) = (1/m) Σ_n n / r_n, 0 when m = 0.  Returns {"AP": [C]
+    float64, the mean over queries positive for c (NaN when none), "mAP": mean of the defined
+    AP_c, "wmAP": their mean weighted by the number of queries positive for c}."""
+    sums, counts = class_map_sums(similarity, query_labels, gallery_labels, (k,))
+    return class_map_finalize(sums[0], counts)
+
+
+class ClassMapAccumulator:
+    """`class_map_at_k` for every k in ``ks`` from query blocks, never holding [Q, G]:
+    ``acc = ClassMapAccumulator(gallery_labels [G, C])``; ``acc.update(sim [q, G], labels [q, C])``
+    per block; ``acc.finalize()`` -> {k: {"AP", "mAP", "wmAP"}} as class_map_at_k on all rows."""
+
+    def __init__(self, gallery_labels, ks: Sequence[int] = MAP_KS):
+        self.gallery_labels = _array(gallery_labels, "gallery_labels", 2, dtype=None)
+        self.ks, n_classes = tuple(int(k) for k in ks), self.gallery_labels.shape[1]
+        self.sums, self.counts = np.zeros((len(self.ks), n_classes)), np.zeros(n_classes, np.int64)
+
+    def update(self, similarity, query_labels) -> None:
+        """Adds one block: similarity [q, G] against the whole gallery, query_labels [q, C]."""
+        sums, counts = class_map_sums(similarity, query_labels, self.gallery_labels, self.ks)
+        self.sums, self.counts = self.sums + sums, self.counts + counts
+
+    def finalize(self) -> dict[int, dict]:
+        return {k: class_map_finalize(self.sums[i], self.counts) for i, k in enumerate(self.ks)}
 
 
 # ----------------------------------------------------------------------------- classification
-
-
 def zero_shot_scores(image_emb, class_emb, scale: float = 1.0, bias: float = 0.0,
                      form: str = "single") -> np.ndarray:
-    """Class logits [N, C] float64 from class-prompt embeddings, the training-time logits of the
-    class loss (`losses.class_logits`): the text tower as a ready-made linear classifier.
-
-    image_emb: [N, D]; class_emb: [C, D] (form "single": ``scale · cos + bias``) or [2C, D]
-    (form "paired", absent rows then present rows: ``scale · (cos_present − cos_absent)``)."""
+    """Class logits [N, C] float64, the training-time logits of the class loss
+    (`losses.class_logits`): the text tower as a ready-made linear classifier.
+    image_emb: [N, D]; class_emb: [C, D] (form "single") or [2C, D] (form "paired")."""
     img, cls = _array(image_emb, "image_emb", 2), _array(class_emb, "class_emb", 2)
     if img.shape[1] != cls.shape[1]:
-        raise ValueError(f"class_emb has width {cls.shape[1]}, expected {img.shape[1]} like image_emb")
+        raise ValueError(f"class_emb has width {cls.shape[1]}, expected {img.shape[1]} like "
+                         f"image_emb")
     return class_logits(img, cls, float(scale), float(bias), form)
 
 
-def class_probabilities(image_emb, class_emb, scale: float = 1.0, bias: float = 0.0,
-                        form: str = "single") -> np.ndarray:
-    """P(class present) [N, C] = sigmoid(`zero_shot_scores`); for "paired", the pair softmax."""
-    return expit(zero_shot_scores(image_emb, class_emb, scale, bias, form))
-
-
 def auroc(scores, labels, mask=None) -> np.ndarray:
-    """Per-class area under the ROC curve.
-
-    scores: [N, C]; labels: [N, C] with 0/1 where counted; mask: optional [N, C], 1 = counted
-    (default: every entry).  Returns [C] float64, NaN for a class that lacks positives or
-    negatives among its counted entries (AUROC is undefined there).
-    """
-    scores = _array(scores, "scores", 2)
-    labels = _array(labels, "labels", 2)
+    """Per-class area under the ROC curve: [C] float64, NaN for a class that lacks positives or
+    negatives among its counted entries.  scores: [N, C]; labels: [N, C] with 0/1 where
+    counted; mask: optional [N, C], 1 = counted (default: every entry)."""
+    scores, labels = _array(scores, "scores", 2), _array(labels, "labels", 2)
     _same_shape(scores, labels, "scores", "labels")
     counted = np.ones(labels.shape, bool) if mask is None else _array(mask, "mask", 2) > 0
     _same_shape(scores, counted, "scores", "mask")
@@ -74,8 +222,7 @@ def auroc(scores, labels, mask=None) -> np.ndarray:
 def macro_auroc(scores, labels, mask=None) -> float:
     """Mean of the defined per-class AUROCs; NaN when no class has both outcomes."""
     per_class = auroc(scores, labels, mask)
-    defined = per_class[~np.isnan(per_class)]
-    return float(defined.mean()) if defined.size else float("nan")
+    return _class_means(per_class, np.ones_like(per_class))[0]
 
 
 def weighted_auroc(scores, labels, mask=None) -> float:
@@ -88,31 +235,55 @@ def weighted_auroc(scores, labels, mask=None) -> float:
 
 
 def classification_metrics(scores, labels, mask, class_names: Sequence[str]) -> dict:
-    """Per-class and macro AUROC, JSON-ready.
-
-    scores, labels, mask: [N, C] (mask may be None); class_names: C names in column order.
-    Returns {"macro_auroc": float | None, "per_class_auroc": {name: float | None}}, None where
-    the AUROC is undefined (JSON has no NaN).
-    """
+    """{"macro_auroc": float | None, "per_class_auroc": {name: float | None}}, None where the
+    AUROC is undefined (JSON has no NaN).  scores, labels, mask: [N, C] (mask may be None);
+    class_names: C names in column order."""
     scores = _array(scores, "scores", 2)
     if len(class_names) != scores.shape[1]:
         raise ValueError(f"got {len(class_names)} class names for {scores.shape[1]} score columns")
     per_class = auroc(scores, labels, mask)
-    defined = per_class[~np.isnan(per_class)]
     as_json = lambda v: None if np.isnan(v) else float(v)  # noqa: E731
-    return {
-        "macro_auroc": float(defined.mean()) if defined.size else None,
-        "per_class_auroc": {name: as_json(v) for name, v in zip(class_names, per_class)},
-    }
+    return {"macro_auroc": as_json(_class_means(per_class, np.ones_like(per_class))[0]),
+            "per_class_auroc": {name: as_json(v) for name, v in zip(class_names, per_class)}}
 
 
 # ----------------------------------------------------------------------------- chance levels
+def _expected_ap_given_m(k: int) -> np.ndarray:
+    """[k + 1]: E[AP@k | m positives in the top k, uniformly placed], m = 0 .. k (0 at m = 0).
+    E[(1/m) Σ_r rel_r · hits_r / r] = (1/k) Σ_r (1 + (m − 1)(r − 1)/(k − 1)) / r, since
+    P(rel_r) = m/k and E[hits_r | rel_r] = 1 + (m − 1)(r − 1)/(k − 1);  Σ_r (r − 1)/r = k − H_k."""
+    m, harmonic = np.arange(k + 1), np.sum(1.0 / np.arange(1, k + 1))
+    e = (harmonic + (m - 1) * (k - harmonic) / max(k - 1, 1)) / k  # k = 1: H = 1, e = 1
+    return np.where(m > 0, e, 0.0)
+
+
+def class_map_chance(gallery_labels, query_labels, k: int) -> dict:
+    """{"mAP", "wmAP"} of `class_map_at_k` expected under a uniformly random gallery ranking.
+
+    gallery_labels: [G, C]; query_labels: [Q, C] (1 = positive).  For class c with P_c gallery
+    positives, m ~ Hypergeometric(G, P_c, k) of them fall in the top k; E[AP_c] = Σ_m P(m) ·
+    `_expected_ap_given_m`.  Classes without positive queries are left out, as in the metric."""
+    gl, ql = _array(gallery_labels, "gallery_labels", 2), _array(query_labels, "query_labels", 2)
+    if gl.shape[1] != ql.shape[1]:
+        raise ValueError(f"gallery_labels {gl.shape} and query_labels {ql.shape} differ in C")
+    if not 1 <= k <= gl.shape[0]:
+        raise ValueError(f"k must be in [1, {gl.shape[0]}] (the gallery size), got {k}")
+    positives = (gl == 1).sum(axis=0)  # [C]
+    pmf = hypergeom.pmf(np.arange(k + 1)[:, None], gl.shape[0], positives[None, :], k)  # [k+1, C]
+    mean, weighted = _class_means(_expected_ap_given_m(k) @ pmf, (ql == 1).sum(axis=0))
+    return {"mAP": mean, "wmAP": weighted}
+
+
+def recall_chance(n: int, k: int) -> float:
+    """Expected `recall_at_k` over a gallery of n columns under random scores: min(k, n) / n."""
+    if min(n, k) < 1:
+        raise ValueError(f"need n >= 1 and k >= 1, got n={n}, k={k}")
+    return min(k, n) / n
 
 
 def chance_levels(query_labels, gallery_labels, n_pairs: int | None = None) -> dict[str, float]:
     """Chance level of every reported metric, keyed by its name: {"{x2x,r2x,x2r}_{mAP,wmAP}@K"
     (K = 1, 3, 5, 10), "{i2t,t2i}_R@K" (K = 1, 5, 10), "macro_auroc": 0.5, "weighted_auroc": 0.5}.
-
     query_labels [Q, C], gallery_labels [G, C] (1 = positive); a gallery's reports carry its
     images' labels, so x2x, r2x and x2r share one chance.  n_pairs: the gallery size of
     exact-report Recall@K (default Q: the query split's image-report pairs)."""
@@ -128,16 +299,11 @@ def chance_levels(query_labels, gallery_labels, n_pairs: int | None = None) -> d
 
 
 # ----------------------------------------------------------------------------- localisation
-
-
 def pointing_hits(heatmaps, regions) -> np.ndarray:
     """[N] bool: whether each map's (first, row-major) maximum lies inside its region.
-
-    heatmaps: [N, H, W] non-negative; regions: [N, H, W] bool.  An empty region makes the hit
-    undefined: ValueError naming the index (as for a non-finite or negative map).
-    """
-    heat = _array(heatmaps, "heatmaps", 3)
-    regions = np.asarray(regions)
+    heatmaps: [N, H, W] non-negative; regions: [N, H, W] bool.  An empty region, a non-finite or
+    a negative map raises ValueError naming the index."""
+    heat, regions = _array(heatmaps, "heatmaps", 3), np.asarray(regions)
     if regions.dtype != bool:
         raise ValueError(f"regions must be bool, got {regions.dtype}")
     _same_shape(heat, regions, "heatmaps", "regions")
@@ -154,14 +320,10 @@ def pointing_hits(heatmaps, regions) -> np.ndarray:
 
 
 def pointing_game(heatmaps, regions) -> dict:
-    """How well heatmaps point at the annotated finding.
-
-    heatmaps: [N, H, W] non-negative; regions: [N, H, W] bool, True inside the finding.
-    Returns {"pointing_game": fraction of maps whose (first) maximum lies inside the region
-    (`pointing_hits`), "chance": mean region area fraction (the hit rate of a uniformly random
-    point), "energy_inside": mean fraction of heatmap mass inside the region (an all-zero map
-    puts none inside), "n": N}.
-    """
+    """How well heatmaps [N, H, W] (non-negative) point at regions [N, H, W] (bool, True inside
+    the finding): {"pointing_game": the hit rate of `pointing_hits`, "chance": mean region area
+    fraction (the hit rate of a uniformly random point), "energy_inside": mean fraction of
+    heatmap mass inside the region (an all-zero map puts none inside), "n": N}."""
     hits = pointing_hits(heatmaps, regions)
     n = len(hits)
     flat_heat = np.asarray(heatmaps, np.float64).reshape(n, -1)

@@ -2,8 +2,7 @@
 
 The same train step runs on one CPU, eight GPUs or a multi-host TPU slice: parameters are
 replicated, the batch is split along the mesh's ``"data"`` axis and XLA inserts the gradient
-all-reduce.  Each process feeds only its own slice of the global batch (``host_slice``), and
-``shard_batch`` assembles the global array from those per-process pieces.
+all-reduce.  Each process feeds its own rows (`host_slice`); `shard_batch` assembles them.
 """
 
 from __future__ import annotations
@@ -19,27 +18,21 @@ DATA_AXIS = "data"
 
 
 def maybe_initialize_distributed() -> None:
-    """Starts JAX's multi-process runtime when launched as one of several processes.
-
-    Reads ``DAUG_COORDINATOR`` (host:port), ``DAUG_NUM_PROCESSES`` and ``DAUG_PROCESS_ID``; on
-    TPU pods and SLURM, JAX can discover these itself (set ``DAUG_DISTRIBUTED=auto``).  Does
-    nothing for a single process.  Must run before any other JAX call.
-    """
+    """Starts JAX's multi-process runtime from ``DAUG_COORDINATOR`` (host:port),
+    ``DAUG_NUM_PROCESSES`` and ``DAUG_PROCESS_ID``, or lets JAX discover them on TPU pods and SLURM
+    (``DAUG_DISTRIBUTED=auto``).  Nothing for a single process.  Must precede any other JAX call."""
     if os.environ.get("DAUG_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
         return
     coordinator = os.environ.get("DAUG_COORDINATOR")
     if not coordinator:
         return
-    # Cross-process collectives of the CPU backend go through gloo (the option only affects CPU
-    # devices).  Not conditioned on jax.default_backend(): asking would start the backend, and
-    # jax.distributed.initialize must come first.
+    # CPU collectives go through gloo (no effect on other devices).  Not conditioned on the
+    # backend: asking would start it, and jax.distributed.initialize must come first.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=int(os.environ["DAUG_NUM_PROCESSES"]),
-        process_id=int(os.environ["DAUG_PROCESS_ID"]),
-    )
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=int(os.environ["DAUG_NUM_PROCESSES"]),
+                               process_id=int(os.environ["DAUG_PROCESS_ID"]))
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
@@ -66,22 +59,20 @@ def host_slice(global_batch_size: int) -> slice:
     """The rows of a global batch that this process loads and feeds."""
     count, index = jax.process_count(), jax.process_index()
     if global_batch_size % count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by the "
-            f"{count} processes")
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                         f"{count} processes")
     per = global_batch_size // count
     return slice(index * per, (index + 1) * per)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, axis: int = 0) -> dict[str, jax.Array]:
-    """Turns this process's rows of a batch into global arrays split over ``"data"``.
+    """This process's rows of a batch as global arrays split over ``"data"``.
 
     batch: dict of host arrays, each [B_local, ...] with B_local = global batch / processes
     (with ``axis`` = 1, [M, B_local, ...]: the stacked batches of a population of runs).
     Returns dict of jax.Array [B_global, ...].  Non-numeric leaves (e.g. strings) are dropped.
     """
-    sharding = data_sharding(mesh, axis)
-    n_dev = mesh.devices.size
+    sharding, n_dev = data_sharding(mesh, axis), mesh.devices.size
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)
@@ -89,8 +80,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, axis: int = 0) -> dict
             continue
         global_rows = value.shape[axis] * jax.process_count()
         if global_rows % n_dev:
-            raise ValueError(
-                f"batch field {key!r}: global batch of {global_rows} rows cannot be split "
-                f"over {n_dev} devices")
+            raise ValueError(f"batch field {key!r}: global batch of {global_rows} rows cannot "
+                             f"be split over {n_dev} devices")
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out

@@ -1,9 +1,8 @@
 """Summaries with honest uncertainty: mean ± sample std over seeds, paired differences with a
-95 % interval (seeds of an ablation, films of a pointing game).
-
-The interval is Student's t on the paired differences, mean ± t(0.975, n − 1) · s / √n: with three
-seeds t = 4.30, so only an effect that is consistent across seeds excludes 0.  NumPy in, Python
-floats out (None where there is nothing to report), ready for JSON.
+95 % interval (seeds of an ablation, films of a pointing game).  The interval is Student's t on
+the paired differences, mean ± t(0.975, n − 1) · s / √n: with three seeds t = 4.30, so only an
+effect that is consistent across seeds excludes 0.  NumPy in, Python floats out (None where
+there is nothing to report), ready for JSON.
 """
 
 from __future__ import annotations
@@ -35,11 +34,9 @@ def mean_std(values: Sequence[float | None]) -> dict:
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     """Mean of a − b over pairs and its 95 % t-interval: {"mean", "ci95": [low, high], "n"}.
-
-    a, b: [n] paired measurements (the same seed, or the same film, under two conditions).
-    Pairs where either is undefined (None / NaN) are dropped.  With fewer than 2 pairs the
-    interval is None; with identical differences it has zero width.
-    """
+    a, b: [n] paired measurements (the same seed, or the same film, under two conditions); pairs
+    where either is undefined (None / NaN) are dropped.  With fewer than 2 pairs the interval is
+    None; with identical differences it has zero width."""
     a, b = _values(a, "a"), _values(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired values need the same length, got {a.shape} and {b.shape}")

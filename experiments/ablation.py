@@ -19,33 +19,15 @@ and inside each setting the variants
 
 import ml_collections
 
+from daug_jax.ablation import VARIANTS
 from experiments import towers
 
+# The clip weight w of each setting's single-term loss and of its hybrid (the authors'
+# configs/abl/*.yaml); `daug_jax.ablation.members` crosses them with the 2x2 design and seeds.
 SETTINGS = {
     "classification": {"single": 0.0, "hybrid": 0.7},
     "retrieval": {"single": 1.0, "hybrid": 0.8},
 }
-VARIANTS = {  # name -> (model.vision.fill, which loss of the setting)
-    "baseline": ("repeat", "single"),
-    "daug": ("heatmaps", "single"),
-    "hybrid": ("repeat", "hybrid"),
-    "daug_hybrid": ("heatmaps", "hybrid"),
-}
-
-
-def members(seeds, settings=tuple(SETTINGS)) -> list[dict]:
-    """Every run of the ablation as a member of one population (`daug_jax.population`):
-    {"name": "<setting>/<variant>/seed<k>", "seed", "fill", "clip_weight"}."""
-    out = []
-    for setting in settings:
-        if setting not in SETTINGS:
-            raise ValueError(f"unknown ablation setting {setting!r}; expected one of "
-                             f"{list(SETTINGS)}")
-        for variant, (fill, loss) in VARIANTS.items():
-            for seed in seeds:
-                out.append({"name": f"{setting}/{variant}/seed{int(seed)}", "seed": int(seed),
-                            "fill": fill, "clip_weight": SETTINGS[setting][loss]})
-    return out
 
 
 def variant_config(name: str, base: ml_collections.ConfigDict | None = None,

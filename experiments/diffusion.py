@@ -20,7 +20,11 @@ def _train(steps, learning_rate, save_every):
     return dict(steps=steps, batch_size=32, learning_rate=learning_rate, warmup_steps=100,
                 weight_decay=0.0, grad_clip=1.0, seed=0, save_every=save_every, log_every=25,
                 # Non-finite loss or gradient: stop with an error (False) or skip the step.
-                skip_nonfinite=False)
+                skip_nonfinite=False,
+                input_threads=2,   # background threads reading and decoding batches
+                # JAX's RngBitGenerator keys: faster UNet compiles on XLA:CPU than threefry
+                # (docs/measurements.md); any implementation keeps a run a function of its seed.
+                prng_impl="rbg")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     # synthetic benchmark's training split, built under data_dir when missing.
     config.data = dict(name="synthetic_cxr", data_dir="runs/tfds", image_size=32, num_train=2048,
                        num_validation=500, num_test=500, seed=0, label_policy="ignore",
-                       train_split="train")
+                       train_split="train",
+                       report_section="findings+impression")  # mimic_cxr only
     # T = 1000 levels; cosine keeps more signal at mid levels than linear at 32x32, so an encode
     # level of L = 500 still preserves the anatomy the decoder is meant to keep.
     config.diffusion = dict(schedule="cosine", num_steps=1000)

@@ -24,15 +24,17 @@ def _heatmaps() -> ml_collections.ConfigDict:
     # Encode to L = T/2 with 10 DDIM moves each way (20 network calls per image and target).
     config.level = 500
     config.num_steps = 10
-    # Guidance scale, from the sweep of `daug-jax localize` on the default models (pointing game
-    # anomaly / site): 1: 0.50 / 0.46, 3: 0.52 / 0.55, 10: 0.59 / 0.62, 30: 0.69 / 0.60.  Site
-    # localization (where a finding develops) peaks at 10 while stronger guidance starts to
-    # spread the change; 10 keeps both modes near their best.
+    # Guidance scale: site localization peaks at 10 in the `daug-jax localize` sweep of the
+    # default models, stronger guidance spreads the change (docs/measurements.md).
     config.scale = 10.0
     config.smooth_sigma = 1.0        # pixels; takes the edge off single-pixel DDIM noise
     # What a map is measured against: "x0" (the film: guidance change + DDIM inversion error) or
     # "reconstruction" (the unguided DDIM decode: the inversion error cancels; one more decode).
     config.reference = "x0"
+    # How far the DDIM step loops unroll inside the compiled program: True (fully) runs the
+    # guidance step ~6x faster on XLA:CPU (docs/measurements.md) at a compile time that grows
+    # with num_steps; 1 (a rolled loop) for long grids and on accelerators.
+    config.unroll = True
     config.batch_size = 16
     config.shard_size = 256
     config.dtype = "uint8"           # channels stored as round(255 * h), read back as h in [0, 1]
@@ -40,7 +42,9 @@ def _heatmaps() -> ml_collections.ConfigDict:
     config.calibration = dict(num_images=64, percentile=99.0)
     # `daug-jax localize`: held-out synthetic images, per localized class up to `cases_per_class`
     # positives (anomaly mode) and as many negatives (site mode).
+    # `daug-jax demo` (and the experiment) choose the encode level and scale on validation films
+    # among sweep_levels x sweep_scales.
     config.localization = dict(cases_per_class=24, pool_size=1000, validation_cases_per_class=8,
-                               sweep_scales=(1.0, 3.0, 10.0, 30.0), examples_per_class=2,
-                               batch_size=16)
+                               sweep_scales=(1.0, 3.0, 10.0, 30.0), sweep_levels=(500,),
+                               examples_per_class=2, batch_size=16)
     return config

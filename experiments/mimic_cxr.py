@@ -26,6 +26,8 @@ channel 0 (``channels="replace"``), is experiments/clip_towers.py: train the tow
 ``--data mimic_cxr --data-dir ...`` (the other stages keep this config).
 """
 
+import math
+
 import ml_collections
 
 from daug_jax.data.real_common import CHEXPERT_CLASSES
@@ -39,7 +41,7 @@ def _unet(ch: int) -> dict:
 def _diffusion_train(steps: int, save_every: int) -> dict:
     return dict(steps=steps, batch_size=64, learning_rate=1e-4, warmup_steps=1000,
                 weight_decay=0.0, grad_clip=1.0, seed=0, save_every=save_every, log_every=100,
-                skip_nonfinite=False)
+                skip_nonfinite=False, input_threads=8, prng_impl="threefry2x32")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -52,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
         train_split="train+validation",        # the authors train on train + validate
         label_policy="zeros",                  # uncertain (-1) read as negative; blank masked
         heatmaps_dir="runs/mimic/heatmaps",    # output of `daug-jax heatmaps --out`
+        num_train=2000, num_validation=500, num_test=500, seed=0,  # with --data synthetic_cxr
     )
 
     # ---------------------------------------------------------------- diffusion side
@@ -69,27 +72,36 @@ def get_config() -> ml_collections.ConfigDict:
         num_steps=500,          # every level from L down (the authors'); 50 is 10x cheaper
         scale=100.0,            # the authors' classifier scale
         smooth_sigma=1.0,
+        reference="x0",
+        unroll=1,               # rolled DDIM loops: 500 steps unrolled would not compile
         batch_size=32,
         shard_size=1024,
         dtype="uint8",
         calibration=dict(num_images=512, percentile=99.0),
         localization=dict(cases_per_class=100, pool_size=5000, sweep_scales=(10.0, 30.0, 100.0),
+                          sweep_levels=(500,), validation_cases_per_class=20,
                           examples_per_class=2, batch_size=32),
     )
 
     # ---------------------------------------------------------------- towers
     config.model = dict(
         vision=dict(
+            kind="resnet",       # trained from scratch (CLIP: experiments/clip_towers.py)
+            path="",
             preset="resnet50",
             resnet={},
             in_channels=2,       # [x0, h_NoFinding]
             fill="heatmaps",     # "repeat" for the image-only baseline of the ablation
+            channels="stack",    # [x0, h] into one stem (daug_jax/models/vision.py)
             norm="group",
             dtype="bfloat16",
+            remat=False,
         ),
         text=dict(
+            kind="bert",
             path="",  # a local HF BERT checkpoint dir (config.json, model.safetensors, tokenizer
                       # files), e.g. a downloaded CXR-BERT; "" trains this BERT from scratch:
+            remat=False,
             vocab_size=30_000,
             hidden_size=768,
             num_layers=12,
@@ -101,7 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
             dtype="bfloat16",
         ),
         embed_dim=512,
+        logit_scale_init=math.log(1 / 0.07),  # log of the initial logit scale: CLIP's 1 / 0.07
         class_names=CHEXPERT_CLASSES,
+        prompts="single",
     )
 
     # 10 epochs of the ~239k frontal train + validate films at batch 256: ~9,400 steps.
@@ -112,12 +126,14 @@ def get_config() -> ml_collections.ConfigDict:
         warmup=10,
         weight_decay=0.01,
         grad_clip=1.0,
+        learn_logit_scale=True,
         clip_weight=0.8,         # w of w * L_image-text + (1 - w) * L_image-class
         checkpoint_every=500,
         skip_nonfinite=False,
         log_every=50,
         seed=0,
         prng_impl="threefry2x32",
+        member_chunk=0,          # a population's members in one vmap (accelerators)
         compiler_options={},
         input_threads=8,
     )

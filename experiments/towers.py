@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_test=500,
         image_size=32,
         seed=0,
+        report_section="findings+impression",  # mimic_cxr only: "findings", "impression"
         train_split="train",   # or a union, e.g. "train+validation" (the paper's training set)
         # Uncertain (-1) labels: "ignore" (masked), "ones" or "zeros"; blank ones always masked.
         label_policy="ignore",
@@ -46,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
             fill="repeat",     # "repeat" (baseline) or "heatmaps" (DAug)
             # How the tower reads [x0, h_1..h_K]: "stack" (all channels into one stem),
             # "replace" (ONE heatmap in channel 0 of the film x 3) or "add" (a second tower on
-            # the heatmaps, embeddings averaged); see daug_jax/models/backbones.py.
+            # the heatmaps, embeddings averaged); see daug_jax/models/vision.py.
             channels="stack",
             norm="group",      # "group" or "batch"
             dtype="float32",   # compute dtype; "bfloat16" on accelerators
@@ -63,8 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
             intermediate_size=256,
             dropout=0.1,
             # Mean over tokens: an untrained encoder gives every report nearly the same [CLS]
-            # state (cosine 1.0000 between reports at init, measured), and from there the
-            # CLIP loss stayed at log(batch) for 300 steps; mean pooling starts apart (0.98).
+            # state, and the CLIP loss stays at log(batch) (docs/measurements.md).
             pooling="mean",
             max_length=128,    # tokens per report: synthetic reports take 47 (median) to 125
             dtype="float32",
@@ -93,15 +93,12 @@ def get_config() -> ml_collections.ConfigDict:
         skip_nonfinite=False,  # non-finite loss or gradient: stop with an error, or skip the step
         log_every=10,
         seed=0,
-        # Threefry: the dropout masks' random bits are the towers' largest non-matrix cost on
-        # CPU (RBG bits took 41 % of the two-tower step in a profile) and threefry draws them
-        # faster: step / matmul 0.255 and 0.231 against RBG's 0.216 and 0.224 (`daug-jax bench
-        # --parts matmul,towers`, alternating runs), for ~10 % more compile time.  Populations
-        # need threefry too, so a run alone and the same run in a population draw alike.
+        input_threads=2,  # background threads reading and decoding batches
+        # Threefry: a population's members then draw what each run would draw alone, and on
+        # CPU it draws the dropout bits faster than RBG (docs/measurements.md).
         prng_impl="threefry2x32",
-        # Populations of runs (an ablation, `train_population`): members per vmapped block.
-        # 1 on CPU (a wide vmap of convolutions is slow there, measured); 0 = all members in
-        # one vmap, for accelerators.
+        # Populations of runs (an ablation, `train_population`): members per vmapped block; 1
+        # on CPU, 0 = all members in one vmap, for accelerators (docs/measurements.md).
         member_chunk=1,
         # XLA options of the compiled init and step, e.g. {"xla_backend_optimization_level": 0}
         # halves CPU compile time for short runs at the cost of slower steps.

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from daug_jax.models.two_tower import TwoTower as FlaxTwoTower, bert_config
+from daug_jax.models.two_tower import TwoTower as FlaxTwoTower, text_shape
 from daug_jax.models.vision import ResNetConfig, resnet_config
 from peers import PeerStep
 
@@ -253,7 +253,7 @@ def towers_step(config: Any, arrays: dict[str, np.ndarray],
         arrays["input_ids"], arrays["attention_mask"], *class_tokens))
     labels, label_mask = (torch.as_tensor(np.asarray(arrays[k], np.float32))
                           for k in ("labels", "label_mask"))
-    bert = bert_config(tcfg, vocab_size)
+    bert = text_shape(tcfg, vocab_size)
     if max(ids.shape[1], class_ids.shape[1]) > bert.max_position_embeddings:
         raise ValueError(f"sequence length exceeds max_position_embeddings "
                          f"{bert.max_position_embeddings}")

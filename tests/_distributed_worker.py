@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402  (XLA_FLAGS is already in the environment)
 import numpy as np  # noqa: E402
 
-from daug_jax import bench_programs, parallel  # noqa: E402
+from daug_jax import bench, parallel  # noqa: E402
 from daug_jax.config import load_config  # noqa: E402
 from daug_jax.data.pipeline import read  # noqa: E402
 
@@ -49,7 +49,7 @@ def diffusion_setup(model: str, dtype: str) -> tuple:
     images = rng.uniform(size=(2 * GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
     labels = rng.integers(-1, 2, size=(2 * GLOBAL_BATCH, 7)).astype(np.int8)
     # float32 parameters whatever the compute dtype: one init program for every run.
-    return bench_programs.unet_step(configure(dtype), images, init_config=configure("float32"),
+    return bench.unet_step(configure(dtype), images, init_config=configure("float32"),
                            classifier_labels=labels if model == "classifier" else None)
 
 
@@ -70,7 +70,7 @@ def towers_setup(dtype: str, workdir: str) -> tuple:
             "train.warmup=1", f"train.batch_size={GLOBAL_BATCH}"])
 
     data = synthetic.generate(2 * GLOBAL_BATCH, image_size=IMAGE_SIZE, seed=0)
-    return bench_programs.towers_step(configure(dtype), data, workdir, init_config=configure("float32"))
+    return bench.towers_step(configure(dtype), data, workdir, init_config=configure("float32"))[:3]
 
 
 def run(model: str, dtype: str, devices: list, workdir: str) -> dict:

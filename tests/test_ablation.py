@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from daug_jax.ablation import METRIC_KEYS, markdown_tables, summarize
-from experiments.ablation import SETTINGS, members, variant_config
+from daug_jax.ablation import METRIC_KEYS, markdown_tables, members, summarize
+from experiments.ablation import SETTINGS, variant_config
 
 SEEDS = (0, 1, 2)
 HYBRID_GAIN = {0: 0.05, 1: 0.02, 2: -0.01}  # differs by seed: an interval with width
@@ -17,7 +17,7 @@ def _results():
     """Per-member metrics: DAug adds exactly 0.1 to every metric in every seed, the hybrid loss
     HYBRID_GAIN[seed]; the seed itself shifts everything by 0.01 * seed."""
     out = {}
-    for m in members(SEEDS):
+    for m in members(SETTINGS, SEEDS):
         setting, variant, _ = m["name"].split("/")
         value = 0.5 + 0.01 * m["seed"] + 0.1 * ("daug" in variant) \
             + HYBRID_GAIN[m["seed"]] * ("hybrid" in variant)
@@ -27,7 +27,7 @@ def _results():
 
 
 def test_members_cover_both_settings_with_the_papers_weights():
-    got = members(SEEDS)
+    got = members(SETTINGS, SEEDS)
     assert len(got) == 2 * 4 * 3 and len({m["name"] for m in got}) == 24
     by_name = {m["name"]: m for m in got}
     assert by_name["classification/baseline/seed0"] == {
@@ -38,8 +38,8 @@ def test_members_cover_both_settings_with_the_papers_weights():
     assert by_name["retrieval/hybrid/seed1"]["clip_weight"] == 0.8
     assert SETTINGS["classification"] == {"single": 0.0, "hybrid": 0.7}
     assert variant_config("hybrid", setting="classification").train.clip_weight == 0.7
-    with pytest.raises(ValueError, match="unknown ablation setting 'detection'"):
-        members(SEEDS, settings=("detection",))
+    with pytest.raises(ValueError, match="setting 'detection' needs .* 'hybrid' losses"):
+        members({"detection": {"single": 0.0}}, SEEDS)
 
 
 def test_summary_means_stds_and_paired_effects():

@@ -1,4 +1,4 @@
-"""`bench_programs.matmul_flops` against closed forms, and `bench_peer.compare`'s pairing arithmetic."""
+"""`bench.matmul_flops` against closed forms, and `bench_peer.compare`'s pairing arithmetic."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from daug_jax import bench_peer, bench_programs
+from daug_jax import bench, bench_peer
 from peers import PeerStep
 
 
@@ -18,12 +18,12 @@ def _conv(x, w, stride=1):
 
 def test_dot_and_conv_flops_are_twice_the_multiply_adds():
     a, b = jnp.ones((3, 5, 7)), jnp.ones((3, 7, 2))
-    assert bench_programs.matmul_flops(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), a, b) == 2 * 3 * 5 * 7 * 2
+    assert bench.matmul_flops(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), a, b) == 2 * 3 * 5 * 7 * 2
     x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
     conv = 2 * 2 * 8 * 8 * 4 * (3 * 3 * 3)
-    assert bench_programs.matmul_flops(_conv, x, w) == conv
+    assert bench.matmul_flops(_conv, x, w) == conv
     # Elementwise work is not counted.
-    assert bench_programs.matmul_flops(lambda x: jnp.tanh(x) * 2 + 1, x) == 0
+    assert bench.matmul_flops(lambda x: jnp.tanh(x) * 2 + 1, x) == 0
 
 
 def test_gradients_count_each_transposed_product():
@@ -31,13 +31,13 @@ def test_gradients_count_each_transposed_product():
     conv = 2 * 2 * 8 * 8 * 4 * (3 * 3 * 3)
     loss = lambda x, w: jnp.sum(_conv(x, w) ** 2)  # noqa: E731
     # forward + weight gradient + input gradient: three convolutions of the same size.
-    assert bench_programs.matmul_flops(jax.grad(loss, argnums=(0, 1)), x, w) == 3 * conv
-    assert bench_programs.matmul_flops(jax.grad(loss, argnums=1), x, w) == 2 * conv
+    assert bench.matmul_flops(jax.grad(loss, argnums=(0, 1)), x, w) == 3 * conv
+    assert bench.matmul_flops(jax.grad(loss, argnums=1), x, w) == 2 * conv
     # A stride-2 conv's input gradient convolves the stride-dilated cotangent: only 1 in 4 of
     # its taps meet non-zero values, and only those are counted (as a peer framework does).
     strided = 2 * 2 * 4 * 4 * 4 * (3 * 3 * 3)
     loss2 = lambda x, w: jnp.sum(_conv(x, w, 2) ** 2)  # noqa: E731
-    assert bench_programs.matmul_flops(jax.grad(loss2, argnums=0), x, w) == pytest.approx(2 * strided)
+    assert bench.matmul_flops(jax.grad(loss2, argnums=0), x, w) == pytest.approx(2 * strided)
 
 
 def test_loops_count_every_trip_and_nested_programs_are_entered():
@@ -47,8 +47,8 @@ def test_loops_count_every_trip_and_nested_programs_are_entered():
         return c @ a, None
 
     loop = lambda c: jax.lax.scan(body, c, None, length=5)[0]  # noqa: E731
-    assert bench_programs.matmul_flops(loop, a) == 5 * 2 * 4 ** 3
-    assert bench_programs.matmul_flops(jax.jit(lambda c: jax.checkpoint(loop)(c)), a) == 5 * 2 * 4 ** 3
+    assert bench.matmul_flops(loop, a) == 5 * 2 * 4 ** 3
+    assert bench.matmul_flops(jax.jit(lambda c: jax.checkpoint(loop)(c)), a) == 5 * 2 * 4 ** 3
 
 
 def test_compare_pairs_calls_and_takes_the_median_ratio():

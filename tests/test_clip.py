@@ -23,11 +23,14 @@ from safetensors.numpy import load_file, save_file
 
 from daug_jax import cli, train
 from daug_jax.config import load_config
-from daug_jax.data import synthetic
+from daug_jax.data import registry, synthetic
 from daug_jax.data.pipeline import ArraySource
-from daug_jax.models import backbones, clip
+from daug_jax.heatmap_job import write_heatmap_dataset
+from daug_jax.models import clip, two_tower
 from daug_jax.models import text as text_lib
-from daug_jax.models.two_tower import assemble_images
+from daug_jax.models.vision import check_channels
+from daug_jax.tower_inputs import assemble_images
+from fixtures_real import make_mimic_synthetic_tree
 
 HERE = pathlib.Path(__file__).parent
 CKPT = str(HERE / "reference" / "clip_tiny")
@@ -130,12 +133,13 @@ def test_remat_and_bfloat16(tiny, ref):
 def _image_tower(tmp_ckpt=CKPT, **vision):
     """A CLIP image tower of ``model.vision`` ``vision`` with the checkpoint loaded: (module,
     params), for 32 px images."""
-    cfg = ml_collections.ConfigDict({"kind": "clip", "path": tmp_ckpt, **vision})
-    tower = backbones.build_image_tower(cfg, 16)
+    cfg = ml_collections.ConfigDict({"kind": "clip", "path": tmp_ckpt, "dtype": "float32",
+                                     "remat": False, **vision})
+    tower = two_tower.build_image_tower(cfg, 16)
     images = jnp.zeros((1, 32, 32, int(cfg.in_channels)))
     shapes = jax.eval_shape(tower.init, jax.random.key(0), images)["params"]
-    model_config = {"vision": cfg, "text": {}}
-    params = backbones.load_pretrained({"image_tower": shapes}, model_config, None)
+    model_config = ml_collections.ConfigDict({"vision": cfg, "text": {"kind": "bert", "path": ""}})
+    params = two_tower.load_pretrained({"image_tower": shapes}, model_config, None)
     return tower, params["image_tower"]
 
 
@@ -148,7 +152,7 @@ def test_image_tower_normalises_with_the_checkpoint_stats(tiny):
     mean, std = np.asarray(stats["image_mean"]), np.asarray(stats["image_std"])
     expected = np.asarray(image_fn(params, (np.repeat(film, 3, -1) - mean) / std))
     tower, tower_params = _image_tower(channels="replace", in_channels=2)
-    images = assemble_images(film, None, 2, "repeat", "replace")
+    images = assemble_images(film, None, 2, "repeat")
     assert _max_err(jax.jit(tower.apply)({"params": tower_params}, images), expected) <= 1e-5
 
 
@@ -186,14 +190,14 @@ def test_errors_name_what_is_wrong(tmp_path):
         clip.load_hf_clip(CKPT, image_size=30)
     one_too_many = r"'replace': ONE heatmap .*in_channels must be 2, got 3 \(1 image \+ 2 heatmap"
     with pytest.raises(ValueError, match=one_too_many):
-        assemble_images(np.zeros((1, 8, 8, 1)), np.zeros((1, 8, 8, 2)), 3, "heatmaps", "replace")
+        check_channels("replace", 3)
     with pytest.raises(ValueError, match=one_too_many):  # already when the config is read
         load_config("clip_towers", ["model.vision.in_channels=3"])
     with pytest.raises(ValueError, match="model.vision.path to a local Hugging Face CLIP"):
-        train.build_two_tower(load_config("clip_towers").model, None)
+        two_tower.build_two_tower(load_config("clip_towers").model, None)
     with pytest.raises(ValueError, match="model.embed_dim is 512 but the CLIP checkpoint .* "
                                          "projects to 16"):
-        backbones.build_image_tower(load_config("clip_towers", TOWERS[:1]).model.vision, 512)
+        two_tower.build_image_tower(load_config("clip_towers", TOWERS[:1]).model.vision, 512)
 
 
 def test_weight_decay_spares_biases_and_layernorm_and_the_logit_scale_can_be_held():
@@ -201,7 +205,7 @@ def test_weight_decay_spares_biases_and_layernorm_and_the_logit_scale_can_be_hel
     ``train.learn_logit_scale=False`` the CLIP temperature does not move even with a gradient
     (the training runs below check it stays at exp(4.602))."""
     config = load_config("clip_towers", TOWERS)
-    model = train.build_two_tower(config.model, train.bert_config(config.model.text, 0))
+    model = two_tower.build_two_tower(config.model, two_tower.text_shape(config.model.text, 0))
     ids = jnp.zeros((1, 4), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 2)), ids, ids,
                             ids, ids)["params"]
@@ -212,7 +216,8 @@ def test_weight_decay_spares_biases_and_layernorm_and_the_logit_scale_can_be_hel
     grads = jax.tree.map(jnp.ones_like, params)
     for learn in (False, True):
         tx, _ = train.make_optimizer(ml_collections.ConfigDict(
-            dict(steps=10, lr=0.1, warmup=0, weight_decay=0.01, learn_logit_scale=learn)))
+            dict(steps=10, lr=0.1, warmup=0, weight_decay=0.01, grad_clip=1.0,
+                 learn_logit_scale=learn)))
         updates, _ = tx.update(grads, tx.init(params), params)
         assert (float(updates["log_logit_scale"]) != 0.0) == learn
         assert float(jnp.abs(updates["w"]).min()) > 0.0
@@ -273,7 +278,7 @@ def test_channel_mode_trains_on_the_synthetic_benchmark(mode, shallow, compile_c
     config = _clip_config(f"model.vision.channels={mode}", f"model.vision.path={shallow}",
                           f"model.text.path={shallow}")
     state, history = train.train_towers(config, source, str(tmp_path), heatmaps=heatmaps,
-                                        progress=False)
+                                        class_names=synthetic.CLASS_NAMES, progress=False)
     _check_training(history)
     towers = {"stack": {"vision_model", "visual_projection"}, "replace": {"tower"},
               "add": {"image", "heatmap"}}
@@ -295,17 +300,14 @@ def test_mimic_format_fine_tune_from_a_clip_directory(shallow, compile_cache, tm
     """``daug-jax train --config clip_towers`` on a MIMIC-CXR-JPG tree, both towers from a
     checkpoint directory, the heatmap in channel 0 ("replace"); then ``daug-jax evaluate`` on
     its test split, which rebuilds the towers from the saved config and the directory."""
-    from daug_jax.data import registry
-    from daug_jax.heatmap_job import write_heatmap_dataset
-    from fixtures_real import make_mimic_synthetic_tree
-
     manual, tfds_dir, maps = tmp_path / "manual", tmp_path / "tfds", tmp_path / "heatmaps"
     make_mimic_synthetic_tree(manual, num_train=16, num_validation=2, num_test=16)
     data = ["--data", "mimic_cxr", "--data-dir", str(tfds_dir)]
     assert cli.main(["data", "prepare", "mimic_cxr", "--manual-dir", str(manual),
                      "--data-dir", str(tfds_dir), "--size", "32"]) == 0
     dataset = registry.open_dataset(ml_collections.ConfigDict(
-        dict(name="mimic_cxr", data_dir=str(tfds_dir), image_size=32)))
+        dict(name="mimic_cxr", data_dir=str(tfds_dir), image_size=32,
+             report_section="findings+impression")))
     for split in ("train", "test"):
         write_heatmap_dataset(dataset.source(split), str(maps / split), _FilmMaps(), 1.0,
                               batch_size=8)

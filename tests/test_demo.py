@@ -6,16 +6,15 @@ import os
 import pytest
 
 from daug_jax import demo
-from experiments import demo as demo_config
-
 from daug_jax.ablation import METRIC_KEYS
+from daug_jax.config import load_config
 
 # Compiling every stage's programs takes minutes on a 2-core CPU, more than the suite's budget:
 # run with DAUG_E2E=1 (e.g. `DAUG_E2E=1 .venv/bin/pytest tests/test_demo.py`).
 @pytest.mark.skipif(os.environ.get("DAUG_E2E") != "1",
                     reason="end-to-end demo (minutes of XLA compilation); set DAUG_E2E=1")
 def test_quick_demo_writes_every_result(tmp_path):
-    config = demo_config.get_config(quick=True)
+    config = load_config("demo:quick")
     config.out = str(tmp_path / "quick")
     demo.run_demo(config)
     out = config.out

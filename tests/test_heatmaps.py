@@ -10,10 +10,10 @@ from scipy import ndimage
 
 from daug_jax import heatmap_job, localization
 from daug_jax.data.pipeline import ArraySource
-from daug_jax.diffusion import alphas_cumprod
+from daug_jax.diffusion.schedule import alphas_cumprod
 from daug_jax.heatmaps import (TranslationModels, as_partial, blur_matrix, calibrate_scale,
-                               check_images, make_heatmap_fn, parse_targets, scale_heatmaps,
-                               to_model_space)
+                               check_images, make_heatmap_fn, make_translation, parse_targets,
+                               scale_heatmaps)
 
 H = W = 8
 CLASSES = ("No Finding", "Left", "Right")
@@ -34,9 +34,17 @@ def linear_logits(x, t):
     return jnp.stack([-(left + right), 8 * left, 8 * right], axis=1)
 
 
+def closed_form_models(max_level=None):
+    return TranslationModels(as_partial(zero_eps), as_partial(linear_logits), ALPHA_BAR,
+                             (H, W, 1), CLASSES, None, max_level=max_level)
+
+
+SETTINGS = dict(level=300, num_steps=2, smooth_sigma=0.0, reference="x0", unroll=1)
+
+
 def small_heatmap_fn(targets="Left,no:Right", scale=2.0):
-    return make_heatmap_fn(zero_eps, linear_logits, ALPHA_BAR, targets, CLASSES, level=300,
-                           num_steps=2, scale=scale, image_shape=(H, W, 1))
+    models = closed_form_models()
+    return make_heatmap_fn(models, targets, make_translation(models, SETTINGS), scale)
 
 
 # ----------------------------------------------------------------------------- targets, checks
@@ -67,8 +75,6 @@ def test_bad_images_give_clear_errors():
         fn(nan)
     with pytest.raises(ValueError, match=r"image 0 has pixels in \[0, 255\]; expected \[-1, 1\]"):
         check_images(np.full((1, H, W, 1), 255.0) * (np.arange(W) > 3)[:, None], (H, W, 1))
-    np.testing.assert_allclose(to_model_space(np.array([0, 255], np.uint8)), [-1, 1])
-    np.testing.assert_allclose(to_model_space(np.array([0.0, 0.5, 1.0])), [-1, 0, 1])
 
 
 def test_blur_matches_scipy_reflect():
@@ -180,8 +186,10 @@ def test_processes_write_disjoint_shards_and_a_rerun_completes(tmp_path, monkeyp
     alone; whichever process is rerun completes its own shards, the result is one dataset."""
     fn, source = small_heatmap_fn(), _source()
     out, kwargs = str(tmp_path / "two"), dict(batch_size=2, shard_size=3)
-    monkeypatch.setattr(heatmap_job.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(heatmap_job.jax, "process_index", lambda: 1)
+    # Process 1 of a 2-process heatmap job (`heatmap_job.job_process`: from the environment).
+    monkeypatch.setenv("DAUG_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.setenv("DAUG_NUM_PROCESSES", "2")
+    monkeypatch.setenv("DAUG_PROCESS_ID", "1")
     os.makedirs(out)
     other = os.path.join(out, "heatmaps-00000-of-00004.array_record.tmp")  # process 0, running
     with open(other, "wb") as f:
@@ -191,7 +199,7 @@ def test_processes_write_disjoint_shards_and_a_rerun_completes(tmp_path, monkeyp
     assert sorted(n for n in os.listdir(out) if n.endswith(".array_record")) == [
         "heatmaps-00001-of-00004.array_record", "heatmaps-00003-of-00004.array_record"]
     os.remove(other)  # process 0 was killed; its rerun completes shards 0 and 2
-    monkeypatch.setattr(heatmap_job.jax, "process_index", lambda: 0)
+    monkeypatch.setenv("DAUG_PROCESS_ID", "0")
     counting = FailAfter(fn, 10**6)
     heatmap_job.write_heatmap_dataset(source, out, counting, 0.05, **kwargs)
     assert counting.calls == 2 + 2
@@ -221,12 +229,10 @@ def test_select_cases_and_pointing_on_known_regions():
     np.testing.assert_array_equal(cases["anomaly"]["region"][cases["anomaly"]["class"] == 1],
                                   np.broadcast_to(left, (2, H, W)))
 
-    models = TranslationModels(as_partial(zero_eps), as_partial(linear_logits), ALPHA_BAR,
-                               (H, W, 1), CLASSES, None)
+    models = closed_form_models()
     images = np.random.default_rng(0).uniform(-0.3, 0.3, (n, H, W, 1)).astype(np.float32)
-    out = localization.translate_cases(models, images, cases, scales=[0.0, 2.0], level=300,
-                                       num_steps=2, smooth_sigma=0.0, batch_size=3,
-                                       data_classes=CLASSES)
+    out = localization.translate_cases(models, make_translation(models, SETTINGS), images, cases,
+                                       scales=[0.0, 2.0], batch_size=3, data_classes=CLASSES)
     assert np.abs(out["scales"][0.0]["anomaly"]["translated"]
                   - images[cases["anomaly"]["image"]]).max() < 1e-5
     assert set(cases) == {"anomaly", "channel", "site"}  # masks also score the "No Finding" map
@@ -269,17 +275,9 @@ def test_channel_region_is_the_union_of_the_films_findings():
 
 
 def test_level_above_the_classifier_s_trained_levels_is_rejected():
+    """Every translation (heatmap job, localization, benchmark) is made by `make_translation`."""
     with pytest.raises(ValueError, match=r"L = 600 is above.*max_level = 500"):
-        make_heatmap_fn(zero_eps, linear_logits, ALPHA_BAR, "No Finding", CLASSES, level=600,
-                        num_steps=2, scale=1.0, max_level=500)
+        make_translation(closed_form_models(max_level=500), SETTINGS, level=600)
     # At the trained level, and for models of unknown training (None), it builds.
-    make_heatmap_fn(zero_eps, linear_logits, ALPHA_BAR, "No Finding", CLASSES, level=500,
-                    num_steps=2, scale=1.0, max_level=500)
-    make_heatmap_fn(zero_eps, linear_logits, ALPHA_BAR, "No Finding", CLASSES, level=600,
-                    num_steps=2, scale=1.0)
-    models = TranslationModels(as_partial(zero_eps), as_partial(linear_logits), ALPHA_BAR,
-                               (H, W, 1), CLASSES, None, max_level=100)
-    with pytest.raises(ValueError, match=r"L = 300 is above.*max_level = 100"):
-        localization.translate_cases(models, np.zeros((1, H, W, 1), np.float32), {},
-                                     scales=[1.0], level=300, num_steps=2, smooth_sigma=0.0,
-                                     batch_size=1, data_classes=CLASSES)
+    assert make_translation(closed_form_models(max_level=500), SETTINGS, level=500).grid[-1] == 500
+    assert make_translation(closed_form_models(), SETTINGS, level=600).grid[-1] == 600

@@ -11,7 +11,6 @@ import pytest
 
 from daug_jax import loop
 from daug_jax.checkpoint import Checkpointer
-from daug_jax.guard import NonFiniteError
 
 
 @jax.jit
@@ -29,15 +28,15 @@ def _batches(start):
         yield {"x": jnp.full((2,), float(step))}  # a pure function of the step
 
 
-def _run(workdir, *, stop=None, average=False, limit=1e9, meta=None, members=("run",)):
+def _run(workdir, *, stop=None, average=False, limit=1e9, meta=None):
     meta = meta or {"shape": [2]}
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=3)
     template = {"w": jnp.zeros(2), "limit": jnp.float32(limit)}
     state, start = loop.resume(ckpt, template, meta, workdir)
     job = loop.Job(name="toy", workdir=workdir, steps=8, log_every=2, save_every=3,
-                   log_file="log.jsonl", average=average, members=members)
-    return loop.fit(job, state, lambda s, b: _step(s, b), _batches(start), start=start,
-                    stop=stop, ckpt=ckpt, meta=meta, progress=False)
+                   log_file="log.jsonl", ckpt=ckpt, meta=meta, stop=stop, average=average,
+                   progress=False)
+    return loop.fit(job, state, lambda s, b: _step(s, b), _batches(start), start=start)
 
 
 def _lines(workdir):
@@ -49,7 +48,7 @@ def test_per_step_log_checkpoints_and_exact_resume(tmp_path):
     # w = sum of 1..8 = 36 per entry; one log row per step, the loss of that step.
     np.testing.assert_array_equal(np.asarray(full["w"]), [36.0, 36.0])
     rows = _lines(str(tmp_path / "full"))
-    assert [r["step"] for r in rows] == list(range(1, 9)) == [r["step"] for r in hist["run"]]
+    assert [r["step"] for r in rows] == list(range(1, 9)) == [r["step"] for r in hist]
     assert [r["loss"] for r in rows] == [2.0 * k * (k + 1) / 2 for k in range(1, 9)]
     assert sorted(int(d) for d in os.listdir(tmp_path / "full" / "checkpoints")
                   if d.isdigit()) == [6, 8]  # every 3 steps and the last, 2 kept
@@ -61,9 +60,9 @@ def test_per_step_log_checkpoints_and_exact_resume(tmp_path):
     assert _lines(split) == rows  # the rows past the restored step are not repeated
 
 
-def test_interval_means_per_member(tmp_path):
+def test_interval_means(tmp_path):
     _, hist = _run(str(tmp_path / "avg"), average=True)
-    rows = hist["run"]
+    rows = hist
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     # Interval (1, 2): losses 2 and 6 -> 4; (7, 8): 56 and 72 -> 64.
     assert rows[0]["loss"] == 4.0 and rows[-1]["loss"] == 64.0
@@ -87,7 +86,7 @@ def test_resume_refuses_another_configuration_before_restoring(tmp_path):
 def test_non_finite_step_stops_before_it_is_saved(tmp_path):
     workdir = str(tmp_path / "nan")
     # sum(w) after step k is k (k + 1): passes 25 at step 5, so steps 5.. are NaN.
-    with pytest.raises(NonFiniteError, match=r"toy: non-finite training at step 5 .*step 3"):
+    with pytest.raises(loop.NonFiniteError, match=r"toy: non-finite training at step 5 .*step 3"):
         _run(workdir, limit=25.0)
     steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert steps == [3]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from daug_jax import losses
-from daug_jax.models.two_tower import class_prompts
+from daug_jax.tower_inputs import class_prompts
 
 B, C, D = 6, 4, 8
 
@@ -53,6 +53,14 @@ def batch(seed=0):
 KW = dict(logit_scale=14.3, class_scale=10.0, class_bias=-2.0, clip_weight=0.7)
 
 
+def hybrid(u, v, w, y, m, *, logit_scale, class_scale, class_bias, clip_weight,
+           prompts="single"):
+    """`losses.hybrid_contrastive_loss` on the towers' output dict made of these arrays."""
+    towers = {"image_emb": u, "text_emb": v, "class_emb": w, "logit_scale": logit_scale,
+              "class_scale": class_scale, "class_bias": class_bias}
+    return losses.hybrid_contrastive_loss(towers, y, m, clip_weight=clip_weight, prompts=prompts)
+
+
 # --------------------------------------------------------------------- agreement with the reference
 
 
@@ -62,7 +70,7 @@ def test_all_three_match_float64_reference(seed):
     np.testing.assert_allclose(losses.clip_loss(u, v, 14.3), ref_clip(u, v, 14.3), rtol=1e-5)
     np.testing.assert_allclose(losses.class_sigmoid_loss(u, w, y, m, 10.0, -2.0),
                                ref_class(u, w, y, m, 10.0, -2.0), rtol=1e-5)
-    loss, aux = losses.hybrid_contrastive_loss(u, v, w, y, m, **KW)
+    loss, aux = hybrid(u, v, w, y, m, **KW)
     expected_it, expected_ic = ref_clip(u, v, 14.3), ref_class(u, w, y, m, 10.0, -2.0)
     np.testing.assert_allclose(aux["image_text"], expected_it, rtol=1e-5)
     np.testing.assert_allclose(aux["image_class"], expected_ic, rtol=1e-5)
@@ -73,11 +81,10 @@ def test_all_three_match_float64_reference(seed):
 @pytest.mark.parametrize("w", [0.0, 1.0])
 def test_clip_weight_endpoints_are_single_terms(w):
     u, v, c, y, m = batch(3)
-    loss, aux = losses.hybrid_contrastive_loss(u, v, c, y, m, **{**KW, "clip_weight": w})
+    loss, aux = hybrid(u, v, c, y, m, **{**KW, "clip_weight": w})
     np.testing.assert_allclose(loss, aux["image_text"] if w else aux["image_class"], rtol=1e-6)
     # w = 0: the reports have no influence (class-only towers train without them).
-    grad_v = jax.grad(lambda t: losses.hybrid_contrastive_loss(
-        u, t, c, y, m, **{**KW, "clip_weight": w})[0])(v)
+    grad_v = jax.grad(lambda t: hybrid(u, t, c, y, m, **{**KW, "clip_weight": w})[0])(v)
     assert (np.abs(np.asarray(grad_v)).max() == 0.0) == (w == 0.0)
 
 
@@ -101,8 +108,8 @@ def test_empty_mask_gives_zero_class_loss():
 def test_joint_batch_permutation_invariance():
     u, v, w, y, m = batch(3)
     perm = np.random.default_rng(0).permutation(B)
-    loss, aux = losses.hybrid_contrastive_loss(u, v, w, y, m, **KW)
-    loss_p, aux_p = losses.hybrid_contrastive_loss(u[perm], v[perm], w, y[perm], m[perm], **KW)
+    loss, aux = hybrid(u, v, w, y, m, **KW)
+    loss_p, aux_p = hybrid(u[perm], v[perm], w, y[perm], m[perm], **KW)
     np.testing.assert_allclose(loss_p, loss, rtol=1e-6)
     np.testing.assert_allclose(aux_p["image_text"], aux["image_text"], rtol=1e-6)
     # A permutation of reports alone breaks the pairing, so the loss must change.
@@ -136,7 +143,7 @@ def test_finite_value_and_gradient_at_scale_100(kind):
     y = np.eye(C, dtype=np.float32)[np.arange(B) % C]
 
     def f(u, v, w):
-        return losses.hybrid_contrastive_loss(u, v, w, y, np.ones_like(y), logit_scale=100.0,
+        return hybrid(u, v, w, y, np.ones_like(y), logit_scale=100.0,
                                               class_scale=100.0, class_bias=-10.0,
                                               clip_weight=0.5)[0]
 
@@ -159,7 +166,7 @@ def test_masked_entries_change_neither_value_nor_gradient():
     w2[2] = unit(np.random.default_rng(9), 1)[0]  # a different class-2 prompt -> other logits
 
     def f(u, w, y):
-        return losses.hybrid_contrastive_loss(u, v, w, y, m, **KW)[0]
+        return hybrid(u, v, w, y, m, **KW)[0]
 
     value, grad = jax.value_and_grad(f)(u, w, y)
     value2, grad2 = jax.value_and_grad(f)(u, w2, y2)
@@ -176,23 +183,23 @@ def test_masked_entries_change_neither_value_nor_gradient():
 
 def test_bfloat16_inputs_give_finite_float32_loss_close_to_float32():
     u, v, w, y, m = batch(5)
-    loss32, _ = losses.hybrid_contrastive_loss(u, v, w, y, m, **KW)
+    loss32, _ = hybrid(u, v, w, y, m, **KW)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    loss16, aux16 = losses.hybrid_contrastive_loss(bf(u), bf(v), bf(w), bf(y), bf(m), **KW)
+    loss16, aux16 = hybrid(bf(u), bf(v), bf(w), bf(y), bf(m), **KW)
     assert loss16.dtype == jnp.float32 and aux16["image_text"].dtype == jnp.float32
     assert np.isfinite(loss16)
     # bfloat16 keeps 8 mantissa bits: inputs move by <= 2^-9 relative, logits (scale 14) by ~0.05.
     np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
     # Beyond the input rounding nothing is lost: the arithmetic itself runs in float32.
     rounded = [np.asarray(bf(x), np.float32) for x in (u, v, w, y, m)]
-    np.testing.assert_allclose(loss16, losses.hybrid_contrastive_loss(*rounded, **KW)[0], rtol=1e-6)
+    np.testing.assert_allclose(loss16, hybrid(*rounded, **KW)[0], rtol=1e-6)
 
 
 def test_works_under_jit():
     u, v, w, y, m = batch(6)
-    jitted = jax.jit(lambda *a: losses.hybrid_contrastive_loss(*a, **KW))
+    jitted = jax.jit(lambda *a: hybrid(*a, **KW))
     loss, aux = jitted(u, v, w, y, m)
-    eager, aux_eager = losses.hybrid_contrastive_loss(u, v, w, y, m, **KW)
+    eager, aux_eager = hybrid(u, v, w, y, m, **KW)
     np.testing.assert_allclose(loss, eager, rtol=1e-6)
     np.testing.assert_allclose(aux["image_class"], aux_eager["image_class"], rtol=1e-6)
     # Learnable scales arrive as traced scalars during training.
@@ -235,7 +242,7 @@ def test_paired_loss_matches_float64_pair_softmax_bce(seed):
     for bias in (0.0, -2.0):  # the bias is not used in the paired form
         got = losses.class_sigmoid_loss(u, w_pair, y, m, 10.0, bias, form="paired")
         np.testing.assert_allclose(got, want, rtol=1e-5)
-    loss, aux = jax.jit(lambda *a: losses.hybrid_contrastive_loss(*a, **KW, prompts="paired"))(
+    loss, aux = jax.jit(lambda *a: hybrid(*a, **KW, prompts="paired"))(
         u, v, w_pair, y, m)
     np.testing.assert_allclose(aux["image_class"], want, rtol=1e-5)
     np.testing.assert_allclose(loss, 0.7 * ref_clip(u, v, 14.3) + 0.3 * want, rtol=1e-5)

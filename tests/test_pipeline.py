@@ -114,7 +114,7 @@ def test_cli_routes_and_rejects_unknown_commands(capsys):
     ([], "--xla_force_host_platform_device_count=3", 3),  # the user's XLA_FLAGS win
 ])
 def test_demo_splits_the_cpu_into_its_configured_devices(args, xla_flags, expected):
-    """`cli._use_cpu_devices` fixes the CPU device count before JAX starts (fresh interpreter)."""
+    """`cli._set_up_process` fixes the CPU device count before JAX starts (fresh interpreter)."""
     import subprocess
     import sys
 
@@ -122,7 +122,7 @@ def test_demo_splits_the_cpu_into_its_configured_devices(args, xla_flags, expect
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, PYTHONPATH=ROOT)
-    code = ("import sys; from daug_jax import cli, demo; cli._use_cpu_devices(demo, sys.argv[1:]);"
+    code = ("import sys; from daug_jax import cli, demo; cli._set_up_process(demo, sys.argv[1:]);"
             " import jax; print(jax.device_count())")
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout

@@ -18,8 +18,7 @@ import pytest
 
 from daug_jax import train
 from daug_jax.data import synthetic
-from daug_jax.data.pipeline import ArraySource
-from tests.test_two_tower import _config, _maps, _src, compile_once  # noqa: F401  (fixture)
+from tests.test_two_tower import QUIET, _config, _maps, _src, compile_once  # noqa: F401
 
 STEPS = 6
 MEMBERS = [
@@ -49,7 +48,7 @@ def population_run(compile_once, films, tmp_path_factory):  # noqa: F811
     data, maps = films
     workdir = str(tmp_path_factory.mktemp("population"))
     state, histories = train.train_population(_pop_config(), MEMBERS, _src(data), workdir,
-                                              heatmaps=maps, progress=False)
+                                              heatmaps=maps, **QUIET)
     return workdir, jax.device_get(state), histories
 
 
@@ -63,7 +62,7 @@ def _alone(member, films, workdir, tokenizer_dir):
     config.model.vision.fill = member["fill"]
     state, history = train.train_towers(config, _src(data), workdir,
                                         heatmaps=maps if member["fill"] == "heatmaps" else None,
-                                        progress=False)
+                                        **QUIET)
     return jax.device_get(state), history
 
 
@@ -118,9 +117,9 @@ def test_resumed_population_equals_uninterrupted(population_run, films, tmp_path
     _, expected, _ = population_run
     workdir = str(tmp_path / "resumed")
     train.train_population(_pop_config(), MEMBERS, _src(data), workdir, heatmaps=maps,
-                           until_step=3, progress=False)
+                           until_step=3, **QUIET)
     state, histories = train.train_population(_pop_config(), MEMBERS, _src(data), workdir,
-                                              heatmaps=maps, progress=False)
+                                              heatmaps=maps, **QUIET)
     same = jax.tree.map(np.array_equal, jax.device_get(state.params), expected.params)
     assert all(jax.tree.leaves(same))
     assert [r["step"] for r in histories["daug_hybrid"]] == [3, 6]

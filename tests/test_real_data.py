@@ -304,7 +304,7 @@ def test_csv_missing_column_is_named(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("Path,Sex,Age\nx.jpg,Male,40\n")
     with pytest.raises(ValueError, match=r"train.csv: missing column\(s\) \['Frontal/Lateral'"):
-        rc.read_csv(path, chexpert.COLUMNS)
+        list(rc.iter_csv(path, chexpert.COLUMNS))
 
 
 def test_cli_prepare_builds_chexpert(chexpert_manual, tmp_path, capsys):
@@ -323,6 +323,7 @@ def test_mimic_experiment_config_is_read_by_every_stage(tmp_path):
 
     from daug_jax import tower_inputs
     from daug_jax import train as ttrain
+    from daug_jax.models import two_tower
     from daug_jax.diffusion import train as dtrain
     from daug_jax.heatmaps import parse_targets
 
@@ -342,13 +343,13 @@ def test_mimic_experiment_config_is_read_by_every_stage(tmp_path):
     for module in (dtrain.make_unet(config), dtrain.make_classifier(config, 14)):
         variables = jax.eval_shape(module.init, jax.random.key(0), x, t)
         assert jax.eval_shape(module.apply, variables, x, t).shape[0] == 1
-    dtrain._spec(config, "classifier", num_classes=14)  # max_level within [0, T)
+    assert dtrain.trained_max_level(config) == 500  # classifier.max_level, within [0, T)
     # One heatmap channel, towards "No Finding" (the authors' DAug channel).
     targets = parse_targets(config.heatmaps.targets, rc.CHEXPERT_CLASSES)
     assert [t.spec for t in targets] == ["No Finding"]
     assert config.model.vision.in_channels == 1 + len(targets) == 2
     # The towers: ResNet-50 on [x0, h], BERT from scratch at the authors' text length.
-    model = ttrain.build_two_tower(config.model, ttrain.bert_config(config.model.text, 30_000))
+    model = two_tower.build_two_tower(config.model, two_tower.text_shape(config.model.text, 30_000))
     ids = jnp.zeros((1, config.model.text.max_length), jnp.int32)
     cls = jnp.zeros((14, config.model.text.max_length), jnp.int32)
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 2)), ids, ids, cls,

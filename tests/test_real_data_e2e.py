@@ -79,7 +79,8 @@ def _split_ids(name, data_dir, split):
     from daug_jax.data import registry
     import ml_collections
 
-    cfg = ml_collections.ConfigDict(dict(name=name, data_dir=str(data_dir), image_size=SIZE))
+    cfg = ml_collections.ConfigDict(dict(name=name, data_dir=str(data_dir), image_size=SIZE,
+                                        report_section="findings+impression"))
     source = registry.open_dataset(cfg).source(split)
     return [source[i]["id"].decode() for i in range(len(source))]
 
@@ -167,7 +168,8 @@ def test_bad_input_is_named_before_training(tmp_path, capsys):
     _cli("data", "prepare", "mimic_cxr", "--manual-dir", manual, "--data-dir", tfds_dir,
          "--size", SIZE)
     dataset = registry.open_dataset(ml_collections.ConfigDict(
-        dict(name="mimic_cxr", data_dir=str(tfds_dir), image_size=SIZE)))
+        dict(name="mimic_cxr", data_dir=str(tfds_dir), image_size=SIZE,
+             report_section="findings+impression")))
     for name, split in (("right", "train"), ("wrong", "test")):
         write_heatmap_dataset(dataset.source(split), str(tmp_path / name / "train"), _ZeroMaps(),
                               1.0, batch_size=4)

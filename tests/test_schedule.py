@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from daug_jax.diffusion import (alphas_cumprod, betas, ddim_step, eps_loss, q_sample,
-                                timestep_grid)
+from daug_jax.diffusion.schedule import (alphas_cumprod, betas, ddim_step, eps_loss, q_sample,
+                                         to_model_space)
 
 
 def _cosine_reference(num_steps, s=0.008):
@@ -111,19 +111,13 @@ def test_ddim_step_matches_float64_and_round_trips():
     np.testing.assert_allclose(same, x, atol=1e-5)
 
 
-def test_timestep_grid():
-    np.testing.assert_array_equal(timestep_grid(1000, 25), np.arange(0, 1000, 40))
-    g = timestep_grid(1000, 20, max_step=500)
-    np.testing.assert_array_equal(g, np.arange(0, 501, 50))
-    assert g.dtype == np.int32
-    # An L off the stride still ends the grid exactly at L.
-    g = timestep_grid(1000, 25, max_step=500)
-    assert g[0] == 0 and g[-1] == 500 and np.all(np.diff(g) > 0) and np.all(np.diff(g)[:-1] == 40)
-    np.testing.assert_array_equal(timestep_grid(1000, 1000, max_step=3), [0, 1, 2, 3])
-    np.testing.assert_array_equal(timestep_grid(1000, 10, max_step=0), [0])
-    for bad in [dict(num_sample_steps=0), dict(num_sample_steps=2000), dict(max_step=1000)]:
-        with pytest.raises(ValueError):
-            timestep_grid(**{"num_steps": 1000, "num_sample_steps": 10, **bad})
+def test_to_model_space_maps_stored_pixels_to_minus_one_one():
+    u8 = np.array([0, 127, 255], np.uint8)
+    np.testing.assert_allclose(to_model_space(u8), [-1.0, 127 / 127.5 - 1, 1.0], atol=1e-7)
+    np.testing.assert_allclose(to_model_space(np.array([0.0, 0.25, 1.0])), [-1.0, -0.5, 1.0])
+    assert to_model_space(u8).dtype == np.float32
+    on_device = to_model_space(jnp.array([0.0, 1.0]))  # JAX in, JAX out (also under jit)
+    assert isinstance(on_device, jnp.ndarray) and on_device.tolist() == [-1.0, 1.0]
 
 
 @pytest.mark.parametrize("num_steps", [20, 10, 1])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from daug_jax.data import builders, pipeline, synthetic
+from daug_jax.data import builders, pipeline, registry, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,13 @@ def test_registered_by_name_and_batched_by_the_pipeline(built):
     np.testing.assert_array_equal(next(again)["labels"], next(later)["labels"])
 
 
-def test_bad_configs_and_splits():
+def test_bad_configs_and_splits(built):
     with pytest.raises(ValueError, match="image_size must be >= 32"):
         builders.SyntheticCxrConfig(image_size=16)
     with pytest.raises(ValueError, match="num_train must be >= 0"):
         builders.SyntheticCxrConfig(num_train=-1)
-    with pytest.raises(ValueError, match="unknown split 'dev'"):
-        builders.load_split("dev", data_dir="/nonexistent")
+    builder, _, _ = built
+    dataset = registry.Dataset("synthetic_cxr", builder, registry.REGISTRY["synthetic_cxr"])
+    with pytest.raises(ValueError, match="split 'dev' is not in synthetic_cxr .* its splits: test, "
+                                         "train, validation"):
+        dataset.source("dev")

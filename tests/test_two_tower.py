@@ -14,9 +14,12 @@ from daug_jax import tower_inputs, train
 from daug_jax.config import load_config
 from daug_jax.data import synthetic
 from daug_jax.data.pipeline import ArraySource
-from daug_jax.models.two_tower import TwoTower, clamp_logit_scale, class_prompts, l2_normalize
+from daug_jax.models import text as text_lib
+from daug_jax.models.two_tower import (TwoTower, build_two_tower, clamp_logit_scale,
+                                       l2_normalize, text_shape)
 
 STEPS = 8
+QUIET = dict(class_names=synthetic.CLASS_NAMES, progress=False)  # the benchmark's classes
 
 
 def _config():
@@ -71,7 +74,7 @@ def compile_once(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(compile_once, data, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    state, history = train.train_towers(_config(), _src(data), workdir, progress=False)
+    state, history = train.train_towers(_config(), _src(data), workdir, **QUIET)
     return workdir, jax.device_get(state), history
 
 
@@ -102,12 +105,12 @@ def test_resume_is_deterministic_and_equals_uninterrupted_run(uninterrupted, dat
     workdir = str(tmp_path / "resumed")
     # The vocabulary belongs to the run; share it so both runs see the same token ids.
     shutil.copytree(os.path.join(workdir_a, "tokenizer"), os.path.join(workdir, "tokenizer"))
-    _, history_1 = train.train_towers(_config(), _src(data), workdir, until_step=4, progress=False)
+    _, history_1 = train.train_towers(_config(), _src(data), workdir, until_step=4, **QUIET)
     assert _without_timing(history_1) == _without_timing(history_a[:4])
     # A killed run may have logged steps after its last checkpoint: the rerun drops them.
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({**history_a[4], "loss": -1.0}) + "\n")
-    state_b, history_b = train.train_towers(_config(), _src(data), workdir, progress=False)
+    state_b, history_b = train.train_towers(_config(), _src(data), workdir, **QUIET)
     assert _without_timing(history_b) == _without_timing(history_a)
     state_b = jax.device_get(state_b)
     assert int(state_b.step) == STEPS
@@ -122,7 +125,7 @@ def test_load_towers_restores_the_final_state(uninterrupted, data):
     assert config.model.vision.norm == "batch"
     same = jax.tree.map(np.array_equal, jax.device_get(variables["params"]), state.params)
     assert all(jax.tree.leaves(same))
-    images = train.assemble_images(jnp.asarray(data["image"][:2]), None, 3, "repeat")
+    images = tower_inputs.assemble_images(jnp.asarray(data["image"][:2]), None, 3, "repeat")
     emb = model.apply(variables, images, method=TwoTower.encode_image)
     assert emb.shape == (2, 16)
     np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
@@ -131,44 +134,42 @@ def test_load_towers_restores_the_final_state(uninterrupted, data):
 
 
 def _lowered_step(config, data, workdir, heatmaps=None):
-    """The train step of ``config`` on ``data``, lowered for its real arguments: (text, consts)."""
-    from daug_jax import parallel
-    from daug_jax.models import text as text_lib
-
+    """The train step of ``config`` on ``data``, lowered for its real arguments:
+    (program text, initial state, batch)."""
     reader = tower_inputs.make_reader(config, _src(data), synthetic.CLASS_NAMES, heatmaps)
-    tokenizer = tower_inputs.make_tokenizer(config.model.text, tower_inputs.report_corpus(reader), workdir)
+    tokenizer = tower_inputs.make_tokenizer(config.model.text, tower_inputs.report_corpus(reader),
+                                            workdir)
     length = int(config.model.text.max_length)
     arrays = tower_inputs.tower_batch(config, tokenizer, reader(range(len(data["id"]))))
-    class_tokens = text_lib.tokenize(tokenizer, class_prompts(list(config.model.class_names)),
-                                     length)
-    model = train.build_two_tower(config.model, train.bert_config(config.model.text,
-                                                                  len(tokenizer)))
+    class_tokens = text_lib.tokenize(tokenizer, tower_inputs.class_prompts(
+        list(config.model.class_names)), length)
+    model = build_two_tower(config.model, text_shape(config.model.text, len(tokenizer)))
     tx, schedule = train.make_optimizer(config.train)
-    mesh = parallel.make_mesh()
     example = {k: v[:1] for k, v in arrays.items()}
-    state = train.create_state(model, tx, jax.random.key(0, impl="rbg"), example, class_tokens,
-                               config, mesh)
-    consts = train.step_constants(class_tokens, config, jax.random.key(1, impl="rbg"))
-    step = train.make_train_step(model, tx, schedule)
+    init = train.init_fn(model, tx, example, class_tokens, config.train.prng_impl)
+    state = jax.jit(init)(config.train.seed, config.train.clip_weight)
+    step = train.make_train_step(model, tx, schedule, class_tokens, config)
     batch = {k: v[:8] for k, v in arrays.items()}
-    return jax.jit(step).lower(state, batch, consts).as_text(), consts, batch
+    return jax.jit(step).lower(state, batch).as_text(), state, batch
 
 
 def test_ablation_variants_run_one_program(compile_once, data, tmp_path):
     """The baseline (image repeated, CLIP loss only) and DAug + hybrid (heatmap channels, λ = 1)
-    differ in their data and constants, not in their compiled train step: one compilation
-    serves the whole ablation."""
+    differ in their data and state (seed, loss weight), not in their compiled train step: one
+    compilation serves the whole ablation."""
     rng = np.random.default_rng(0)
     maps = rng.uniform(size=(8, 32, 32, 2)).astype(np.float32)
     baseline = _config()
     baseline.train.clip_weight = 1.0
     daug_hybrid = _config()
     daug_hybrid.model.vision.fill = "heatmaps"
+    daug_hybrid.train.seed = 3
     # Separate workdirs: each run learns its own tokenizer, as the ablation's runs do.
-    text_a, consts_a, batch_a = _lowered_step(baseline, data, str(tmp_path / "a"))
-    text_b, consts_b, batch_b = _lowered_step(daug_hybrid, data, str(tmp_path / "b"),
-                                              _maps(data, maps))
-    assert float(consts_a["clip_weight"]) == 1.0 and float(consts_b["clip_weight"]) == 0.5
+    text_a, state_a, batch_a = _lowered_step(baseline, data, str(tmp_path / "a"))
+    text_b, state_b, batch_b = _lowered_step(daug_hybrid, data, str(tmp_path / "b"),
+                                             _maps(data, maps))
+    assert float(state_a.clip_weight) == 1.0 and float(state_b.clip_weight) == 0.5
+    assert int(state_a.seed) == 0 and int(state_b.seed) == 3
     np.testing.assert_array_equal(batch_a["image"][..., 1], batch_a["image"][..., 0])
     np.testing.assert_allclose(batch_b["image"][..., 1:], maps)
     assert text_a == text_b
@@ -180,26 +181,26 @@ def test_channel_count_mismatch_is_a_clear_error(data, tmp_path):
     one_map = _maps(data, np.zeros((8, 32, 32, 1), np.float32))
     with pytest.raises(ValueError,
                        match=r"in_channels is 3 .* got 1 image \+ 1 heatmap channels = 2"):
-        train.train_towers(config, _src(data), str(tmp_path), heatmaps=one_map, progress=False)
+        train.train_towers(config, _src(data), str(tmp_path), heatmaps=one_map, **QUIET)
     with pytest.raises(ValueError, match=r"no heatmap dataset"):
-        train.train_towers(config, _src(data), str(tmp_path), progress=False)
+        train.train_towers(config, _src(data), str(tmp_path), **QUIET)
     with pytest.raises(ValueError, match=r"heatmap dataset has 4 records, the image split 8"):
-        train.train_towers(config, _src(data), str(tmp_path), progress=False,
+        train.train_towers(config, _src(data), str(tmp_path), **QUIET,
                            heatmaps=_maps({"id": data["id"][:4]}, np.zeros((4, 32, 32, 2))))
     shuffled = _maps({"id": data["id"][::-1]}, np.zeros((8, 32, 32, 2), np.float32))
     with pytest.raises(ValueError, match=r"record \d+ of the image split has id 'syn-0-\d' but "
                                          r"its heatmap record has id 'syn-0-\d'"):
-        train.train_towers(config, _src(data), str(tmp_path), heatmaps=shuffled, progress=False)
+        train.train_towers(config, _src(data), str(tmp_path), heatmaps=shuffled, **QUIET)
     rgb = {**data, "image": np.repeat(data["image"], 3, axis=-1)}
     with pytest.raises(ValueError, match=r"\[B, H, W, 1\].*\(8, 32, 32, 3\)"):
-        train.train_towers(_config(), _src(rgb), str(tmp_path), progress=False)
+        train.train_towers(_config(), _src(rgb), str(tmp_path), **QUIET)
 
 
 def test_unknown_class_name_is_a_clear_error(data, tmp_path):
     config = _config()
     config.model.class_names = ("Cardiomegaly", "Pleural Effusions")
     with pytest.raises(ValueError, match=r"'Pleural Effusions'.*valid: \['No Finding'"):
-        train.train_towers(config, _src(data), str(tmp_path), progress=False)
+        train.train_towers(config, _src(data), str(tmp_path), **QUIET)
 
 
 def test_empty_report_names_the_record(data, tmp_path):
@@ -208,11 +209,11 @@ def test_empty_report_names_the_record(data, tmp_path):
     reports[:] = "   "  # every record: the first batch names one
     with pytest.raises(ValueError, match=r"record id 'syn-0-\d' has an empty report"):
         train.train_towers(_config(), _src({**data, "report": reports}), str(tmp_path),
-                           progress=False)
+                           **QUIET)
 
 
 def test_class_prompts_and_normalisation():
-    assert class_prompts(["No Finding", "Pleural Effusion"]) == [
+    assert tower_inputs.class_prompts(["No Finding", "Pleural Effusion"]) == [
         "a chest X-ray with no findings", "a chest X-ray showing pleural effusion"]
     x = np.random.default_rng(0).normal(size=(4, 5))
     np.testing.assert_allclose(l2_normalize(jnp.asarray(x)),
@@ -255,6 +256,6 @@ def test_train_step_clamps_the_stored_logit_scale(compile_once, data, tmp_path):
     config = _config()
     config.model.logit_scale_init = float(np.log(500.0))  # starts above CLIP's cap of 100
     state, _ = train.train_towers(config, _src(data), str(tmp_path), until_step=1,
-                                  progress=False)
+                                  **QUIET)
     np.testing.assert_allclose(jax.device_get(state.params["log_logit_scale"]), np.log(100.0),
                                rtol=1e-6)

@@ -1,10 +1,7 @@
 """TFDS builder for the built-in synthetic chest X-ray benchmark (``synthetic_cxr``).
 
-Stored as array_record (random access, no TensorFlow needed): pixels as uint8 tensors, masks and
-sites as bool tensors.  Records are in index order, written shard by shard with no shuffle (a
-``ShardBasedBuilder``: the shuffler of ``GeneratorBasedBuilder`` needs TensorFlow past 1 GB).
-Read back with ``tfds.builder(...).as_data_source()`` (or by name through
-`daug_jax.data.registry`) and batch with `daug_jax.data.pipeline.train_batches`.
+Stored as array_record (random access, no TensorFlow needed; pixels uint8, masks and sites bool),
+records in index order, shard by shard.  Read back by name through `daug_jax.data.registry` or:
 
     builder = SyntheticCxr(config=SyntheticCxrConfig(image_size=64, num_train=2000), data_dir=d)
     builder.download_and_prepare()
@@ -13,6 +10,7 @@ Read back with ``tfds.builder(...).as_data_source()`` (or by name through
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 
@@ -21,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from daug_jax.data import real_common as rc
 from daug_jax.data import synthetic
+from daug_jax.lock import workdir_lock
 
 SPLITS = ("train", "validation", "test")
 _CHUNK = 256  # records generated per call; record i depends only on (seed, i)
@@ -52,7 +51,7 @@ class SyntheticCxrConfig(tfds.core.BuilderConfig):
         return self.seed * len(SPLITS) + SPLITS.index(split)
 
 
-class SyntheticCxr(tfds.core.ShardBasedBuilder):
+class SyntheticCxr(rc.ArrayRecordBuilder):
     """Procedural chest radiographs with reports, CheXpert-style labels, lesion and site masks."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -62,10 +61,6 @@ class SyntheticCxr(tfds.core.ShardBasedBuilder):
         SyntheticCxrConfig(image_size=32),
     ]
     DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         size, n_cls = self.builder_config.image_size, len(synthetic.CLASS_NAMES)
@@ -94,47 +89,21 @@ class SyntheticCxr(tfds.core.ShardBasedBuilder):
                                                 record_bytes)]
                 for split in SPLITS}
 
-    def _download_and_prepare(self, dl_manager, download_config=None):
-        super()._download_and_prepare(dl_manager, download_config)
-        rc.drop_empty_splits(self.info)  # e.g. num_validation=0
-
     def _generate_shard(self, split: str, indices: range):
         """Records ``indices`` of ``split``, in index order (record i depends only on seed, i)."""
         config, seed = self.builder_config, self.builder_config.split_seed(split)
         for start in range(indices.start, indices.stop, _CHUNK):
             data = synthetic.generate(min(_CHUNK, indices.stop - start),
                                       image_size=config.image_size, seed=seed, start=start)
-            images = np.round(data["image"] * 255.0).astype(np.uint8)
-            for j in range(len(images)):
-                yield data["id"][j], {
-                    "id": data["id"][j],
-                    "image": images[j],
-                    "report": data["report"][j],
-                    "labels": data["labels"][j],
-                    "masks": data["masks"][j],
-                    "sites": data["sites"][j],
-                }
-
-
-def load_split(split: str, *, data_dir: str, config: SyntheticCxrConfig | None = None):
-    """Builds ``synthetic_cxr`` if needed and returns a random-access source for ``split``.
-
-    Records come back with ``image`` as uint8 [H, W, 1]; use `daug_jax.data.pipeline.to_unit_float`
-    for [0, 1] float32.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    config = rc.predefined(SyntheticCxr, config or SyntheticCxr.BUILDER_CONFIGS[0])
-    builder = SyntheticCxr(config=config, data_dir=data_dir)
-    builder.download_and_prepare()
-    return builder.as_data_source(split=split)
+            data["image"] = np.round(data["image"] * 255.0).astype(np.uint8)
+            for j in range(len(data["id"])):
+                yield data["id"][j], {k: v[j] for k, v in data.items()}  # keys = the features
 
 
 def main(command: str, argv: list[str]) -> int:
     """``daug-jax data build --data-dir DIR [--size 64 --num-train N ... --seed S]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="runs/tfds")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--num-train", type=int, default=2000)
@@ -142,15 +111,12 @@ def main(command: str, argv: list[str]) -> int:
     parser.add_argument("--num-test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config = rc.predefined(SyntheticCxr, SyntheticCxrConfig(
+    builder = SyntheticCxr(config=SyntheticCxrConfig(
         image_size=args.size, num_train=args.num_train, num_validation=args.num_validation,
-        num_test=args.num_test, seed=args.seed))
-    builder = SyntheticCxr(config=config, data_dir=args.data_dir)
-    from daug_jax.lock import workdir_lock
-
+        num_test=args.num_test, seed=args.seed), data_dir=args.data_dir)
     with workdir_lock(args.data_dir, what=command):  # two builds would mix their files
         builder.download_and_prepare()
-    for split in SPLITS:
-        print(f"synthetic_cxr/{config.name} {split}: {len(builder.as_data_source(split=split))} "
-              f"records in {builder.data_dir}")
+    for split in (s for s in SPLITS if s in builder.info.splits):  # empty splits are left out
+        print(f"synthetic_cxr/{builder.builder_config.name} {split}: "
+              f"{len(builder.as_data_source(split=split))} records in {builder.data_dir}")
     return 0

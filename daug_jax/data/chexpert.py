@@ -3,16 +3,8 @@
 Named ``chexpert_cxr`` because TFDS's own catalogue already registers ``chexpert`` (a builder
 that encodes images with TensorFlow).  One record per image, frontal views by default; splits
 ``train`` (train.csv) and ``validation`` (valid.csv), each in its CSV's order.  Features: see
-`daug_jax.data.real_common`.
-
-CheXpert ships no reports: ``report`` is "" in every record, and the text side of training sees
-only the class prompts ("a chest X-ray showing pleural effusion"), i.e. the image-class part of
-the hybrid loss: train its towers class-only, ``train.clip_weight=0``; image-report retrieval
-needs MIMIC-CXR.
-
-    builder = ChexpertCxr(config=ChexpertCxrConfig(image_size=224), data_dir="runs/tfds")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir="/data/chexpert"))
+`daug_jax.data.real_common`.  CheXpert ships no reports (``report`` is ""): train its towers
+class-only, ``train.clip_weight=0``; image-report retrieval needs MIMIC-CXR.
 """
 
 from __future__ import annotations
@@ -41,8 +33,7 @@ class ChexpertCxrConfig(tfds.core.BuilderConfig):
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if not self.name:
-            name = f"{self.image_size}px" + ("" if self.frontal_only else "_all_views")
-            self.name = name
+            self.name = f"{self.image_size}px" + ("" if self.frontal_only else "_all_views")
 
 
 class ChexpertCxr(rc.DropCountingBuilder):
@@ -65,10 +56,6 @@ class ChexpertCxr(rc.DropCountingBuilder):
     (or the same under CheXpert-v1.0/).  The CSV "Path" column is relative to the manual directory.
     """
 
-    def __init__(self, *, config=None, **kwargs):
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(config=rc.predefined(type(self), config), **kwargs)
-
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
@@ -82,12 +69,7 @@ class ChexpertCxr(rc.DropCountingBuilder):
 
     def _shard_iterators_per_split(self, dl_manager):
         # Whichever variant has a train.csv; if none does, the error names the small one's files.
-        variant = VARIANTS[0]
-        try:
-            manual = dl_manager.manual_dir
-            variant = next((v for v in VARIANTS if (manual / v / "train.csv").exists()), variant)
-        except AssertionError:
-            pass  # absent or empty: require_files reports it
+        variant = rc.first_present(dl_manager, [f"{v}/train.csv" for v in VARIANTS]).split("/")[0]
         root = rc.require_files(dl_manager, self.name,
                                 [f"{variant}/{csv_name}" for csv_name in SPLITS.values()])
         self._drops = rc.new_drop_counts(self.info, SPLITS)
@@ -105,11 +87,8 @@ class ChexpertCxr(rc.DropCountingBuilder):
         for row in rc.iter_csv(root / variant / SPLITS[split], COLUMNS):
             path = row["Path"]
             label = rc.encode_labels(row, f"{variant}/{SPLITS[split]} Path {path}")
-            reason = None
-            if path in seen:
-                reason = rc.DUPLICATE
-            elif config.frontal_only and row["Frontal/Lateral"].strip() != "Frontal":
-                reason = rc.VIEW_EXCLUDED
+            excluded = config.frontal_only and row["Frontal/Lateral"].strip() != "Frontal"
+            reason = rc.DUPLICATE if path in seen else rc.VIEW_EXCLUDED if excluded else None
             seen.add(path)
             if reason:
                 drops[reason] += 1
@@ -126,9 +105,7 @@ class ChexpertCxr(rc.DropCountingBuilder):
             if reason:
                 drops[reason] += 1
                 continue
-            # ".../train/patient00001/study1/view1_frontal.jpg": the id drops the variant folder
-            # so that the small and the full download give the same ids.
-            parts = path.split("/")
+            parts = path.split("/")  # the id drops the variant folder: small and full agree
             image_id = "/".join(parts[1:])
             yield image_id, {
                 "image": image,
@@ -141,13 +118,3 @@ class ChexpertCxr(rc.DropCountingBuilder):
                 "view": view,
             }
 
-
-def load_split(split: str, *, data_dir: str, manual_dir: str | None = None,
-               config: ChexpertCxrConfig | None = None):
-    """Builds ``chexpert_cxr`` if needed (from ``manual_dir``); returns a random-access source."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
-    builder = ChexpertCxr(config=config or ChexpertCxr.BUILDER_CONFIGS[0], data_dir=data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return builder.as_data_source(split=split)

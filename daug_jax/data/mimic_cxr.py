@@ -2,14 +2,10 @@
 
 Images, CheXpert labels and the official split come from MIMIC-CXR-JPG; the reports come from
 MIMIC-CXR (``mimic-cxr-reports.zip``); both are credentialed PhysioNet downloads, placed by hand
-(see ``MimicCxr.MANUAL_DOWNLOAD_INSTRUCTIONS``).  One record per image: frontal views (PA, AP) by
-default, each paired with its study's report, in the order of the split CSV.  Features: see
+(see ``MimicCxr.MANUAL_DOWNLOAD_INSTRUCTIONS``) and built with ``daug-jax data prepare mimic_cxr
+--manual-dir DIR``.  One record per image: frontal views (PA, AP) by default, each paired with its
+study's report, in the order of the split CSV; splits train, validation, test.  Features: see
 `daug_jax.data.real_common`.
-
-    builder = MimicCxr(config=MimicCxrConfig(image_size=224), data_dir="runs/tfds")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir="/data/mimic-cxr-jpg/2.0.0"))
-    train = builder.as_data_source(split="train")  # also "validation", "test"
 
 Report text (``report_section``), in order of preference; a study whose report has neither
 FINDINGS nor IMPRESSION is dropped (counted as ``report_no_sections``):
@@ -46,11 +42,9 @@ _HEADING = re.compile(r"^[ \t]*([A-Z][A-Z ,&/()-]*?)[ \t]*:", re.MULTILINE)
 
 
 def report_sections(text: str) -> dict[str, str]:
-    """Splits a MIMIC-CXR report at its upper-case headings -> ``{"FINDINGS": "...", ...}``.
-
-    Section bodies run to the next heading, with whitespace collapsed; text before the first
-    heading (the "FINAL REPORT" banner) is not a section.  A repeated heading is concatenated.
-    """
+    """Splits a MIMIC-CXR report at its upper-case headings -> ``{"FINDINGS": "...", ...}``:
+    bodies run to the next heading, whitespace collapsed; text before the first heading (the
+    "FINAL REPORT" banner) is not a section; a repeated heading is concatenated."""
     matches = list(_HEADING.finditer(text))
     sections: dict[str, str] = {}
     for m, nxt in zip(matches, matches[1:] + [None]):
@@ -61,10 +55,8 @@ def report_sections(text: str) -> dict[str, str]:
 
 
 def select_report(text: str, report_section: str) -> str:
-    """The report text used for training ("" when the report has neither section).
-
-    ``report_section`` is one of REPORT_SECTIONS (see module docstring).
-    """
+    """The report text used for training under ``report_section`` (one of REPORT_SECTIONS, see
+    module docstring); "" when the report has neither section."""
     if report_section not in REPORT_SECTIONS:
         raise ValueError(f"report_section {report_section!r} is not one of {REPORT_SECTIONS}")
     sections = report_sections(text)
@@ -76,13 +68,6 @@ def select_report(text: str, report_section: str) -> str:
     if report_section == "impression":
         return impression or findings
     return " ".join(dict.fromkeys(s for s in (findings, impression) if s))  # dedups `both`
-
-
-def read_report(path, report_section: str) -> str | None:
-    """The selected text of a report file ("" if it has no usable section, None if absent)."""
-    if not path.exists():
-        return None
-    return select_report(path.read_bytes().decode("utf-8", "replace"), report_section)
 
 
 def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
@@ -140,10 +125,6 @@ class MimicCxr(rc.DropCountingBuilder):
     mimic-cxr-reports, so that its files/ folder becomes mimic-cxr-reports/files/.
     """
 
-    def __init__(self, *, config=None, **kwargs):
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(config=rc.predefined(type(self), config), **kwargs)
-
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
         return tfds.core.DatasetInfo(
@@ -167,8 +148,7 @@ class MimicCxr(rc.DropCountingBuilder):
                 (row["dicom_id"], row["study_id"], row["subject_id"]))
         positions = {r["dicom_id"]: r["ViewPosition"].strip()
                      for r in rc.iter_csv(root / METADATA_CSV, ("dicom_id", "ViewPosition"))}
-        # All labels are parsed before any record is written: a malformed label file fails
-        # at once, not half way through the build.
+        # Every label is parsed before any record is written: a malformed file fails at once.
         labels = {r["study_id"]: rc.encode_labels(r, f"{CHEXPERT_CSV} study_id {r['study_id']}")
                   for r in rc.iter_csv(root / CHEXPERT_CSV,
                                        ("subject_id", "study_id", *rc.CHEXPERT_CLASSES))}
@@ -180,22 +160,14 @@ class MimicCxr(rc.DropCountingBuilder):
                 for split in SPLITS.values()}
 
     def _plan(self, split, rows, positions, labels) -> list[tuple]:
-        """The images that pass the CSV-only checks, in CSV order, as
-        (dicom_id, study_id, subject_id, view, (labels, missing)).
-
-        The others are counted as dropped; no file is read here.
-        """
+        """The images that pass the CSV-only checks, in CSV order, as (dicom_id, study_id,
+        subject_id, view, (labels, missing)); the others are counted as dropped."""
         views, drops, seen, planned = self.builder_config.views, self._drops[split], set(), []
         for dicom, study, subject in rows:
-            reason = None
-            if dicom in seen:
-                reason = rc.DUPLICATE
-            elif dicom not in positions:
-                reason = rc.METADATA_MISSING
-            elif positions[dicom] not in views:
-                reason = rc.VIEW_EXCLUDED
-            elif study not in labels:
-                reason = rc.LABELS_MISSING
+            reason = (rc.DUPLICATE if dicom in seen
+                      else rc.METADATA_MISSING if dicom not in positions
+                      else rc.VIEW_EXCLUDED if positions[dicom] not in views
+                      else rc.LABELS_MISSING if study not in labels else None)
             seen.add(dicom)
             if reason:
                 drops[reason] += 1
@@ -206,16 +178,17 @@ class MimicCxr(rc.DropCountingBuilder):
     def _generate_shard(self, root, split, items):
         """One shard's records: reads the reports, decodes the images (either may drop one)."""
         config, drops = self.builder_config, self._drops[split]
-        # study_id -> text, as one report serves several images.  Per shard, so memory stays
-        # bounded; a study split over two shards has its report read twice.
+        # study_id -> text (a report serves several images), per shard: memory stays bounded.
         reports: dict[str, str | None] = {}
 
         def with_reports():
             for item in items:
                 _, study, subject = item[:3]
-                if study not in reports:
-                    reports[study] = read_report(root / report_path(subject, study),
-                                                 config.report_section)
+                if study not in reports:  # "" without a usable section, None if absent
+                    path = root / report_path(subject, study)
+                    text = path.read_bytes().decode("utf-8", "replace") if path.exists() else None
+                    reports[study] = None if text is None else select_report(
+                        text, config.report_section)
                 if reports[study] is None:
                     drops[rc.REPORT_MISSING] += 1
                 elif not reports[study]:
@@ -224,8 +197,7 @@ class MimicCxr(rc.DropCountingBuilder):
                     yield item
 
         def path_of(item):
-            dicom, study, subject = item[:3]
-            return root / image_path(subject, study, dicom)
+            return root / image_path(subject_id=item[2], study_id=item[1], dicom_id=item[0])
 
         for (dicom, study, subject, view, (labels, missing)), image, reason in rc.load_images(
                 with_reports(), path_of, config.image_size):
@@ -243,13 +215,3 @@ class MimicCxr(rc.DropCountingBuilder):
                 "view": view,
             }
 
-
-def load_split(split: str, *, data_dir: str, manual_dir: str | None = None,
-               config: MimicCxrConfig | None = None):
-    """Builds ``mimic_cxr`` if needed (from ``manual_dir``) and returns a random-access source."""
-    if split not in SPLITS.values():
-        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS.values())}")
-    builder = MimicCxr(config=config or MimicCxr.BUILDER_CONFIGS[0], data_dir=data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return builder.as_data_source(split=split)

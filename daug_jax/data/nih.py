@@ -12,22 +12,16 @@ film, in the order of the split lists:
     id       text              the image index, e.g. "00013118_008.png"
     report   text              "" (the dataset ships no reports)
 
-Splits: ``test`` is the official test_list.txt; train_val_list.txt is divided by patient:
-``validation`` holds the patients whose numeric Patient ID is a multiple of 10
-(`is_validation_patient`, about 10 % of the films), ``train`` the rest, so no patient is in two
-splits.  Films that cannot be used (listed but absent, unreadable, listed twice, listed without a
-data-entry row) are skipped and counted in ``info.metadata["dropped"]`` (see `real_common`).
+Splits: ``test`` is the official test_list.txt; train_val_list.txt is divided by patient, those
+whose Patient ID is a multiple of `VALIDATION_MODULUS` (~10 % of the films) to ``validation``, the
+rest to ``train``.  Films listed but absent, unreadable, listed twice or without a data-entry row
+are skipped and counted in ``info.metadata["dropped"]`` (see `real_common`).
 
 Box grid.  ``BBox_List_2017.csv`` gives ``[x, y, w, h]`` in pixels of the distributed 1024 x 1024
-PNGs, not of the original acquisition whose size the data entry lists
-(``OriginalImage[Width,Height]``, 1456 to 3056 px wide for the boxed films).  Evidence from the
-real files (tests/test_nih.py checks it): every one of the 984 boxes fits in 1024 x 1024 (largest
-x + w 1012, y + h 1022), whatever the original size: films under 2100 px wide reach x + w 1012
-and films over 2600 px wide 1006.  Read on the original grid no box would pass 62 % of its
-film's width or 50 % of its height, and the Cardiomegaly boxes' centres would sit at 23 % of the
-width, far from the heart; on the 1024 grid they sit at 57 % across and 57 % down.  Boxes are
-therefore mapped from the nominal 1024 grid (`BOX_GRID`) to S x S, never from the PNG's own
-size, so downsampled copies of the PNGs (256 px ones are common) give the same masks.
+PNGs, not of the original acquisition whose size the data entry lists (every real box fits in
+1024 x 1024 and puts the Cardiomegaly boxes over the heart only on that grid: tests/test_nih.py).
+Boxes are therefore mapped from the nominal 1024 grid (`BOX_GRID`) to S x S, never from the PNG's
+own size, so downsampled copies of the PNGs (256 px ones are common) give the same masks.
 """
 
 from __future__ import annotations
@@ -62,14 +56,8 @@ ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 BOX_COLUMNS = ("Image Index", "Finding Label", "Bbox [x", "y", "w", "h]")
 
 BOX_GRID = 1024          # pixel grid of the box coordinates (module docstring)
-VALIDATION_MODULUS = 10  # Patient ID % 10 == 0 -> validation
+VALIDATION_MODULUS = 10  # Patient ID % 10 == 0 -> validation (ids are sequential: an even spread)
 SPLITS = ("train", "validation", "test")
-
-
-def is_validation_patient(patient_id: int) -> bool:
-    """The fixed rule that moves a train_val patient to ``validation`` (ids are sequential,
-    so a residue class is an even ~10 % spread over the collection)."""
-    return patient_id % VALIDATION_MODULUS == 0
 
 
 def encode_findings(text: str, where: str = "") -> np.ndarray:
@@ -107,28 +95,18 @@ def read_boxes(path: os.PathLike) -> dict[str, list[tuple[int, float, float, flo
         name = BOX_ALIASES.get(name, name)
         if name not in CLASS_NAMES:
             raise ValueError(f"{path}: {row['Image Index']} has a box of unknown class {name!r}")
-        values = tuple(float(row[c]) for c in BOX_COLUMNS[2:])
         boxes.setdefault(row["Image Index"].strip(), []).append(
-            (CLASS_NAMES.index(name), *values))
+            (CLASS_NAMES.index(name), *(float(row[c]) for c in BOX_COLUMNS[2:])))
     return boxes
 
 
 def index_images(root: os.PathLike) -> dict[str, str]:
     """PNG file name -> path, over every image folder present (the name is the image index)."""
-    found = {}
+    found, root = {}, glob.escape(os.fspath(root))
     for pattern in IMAGE_DIRS:
-        for folder in sorted(glob.glob(os.path.join(glob.escape(os.fspath(root)), pattern))):
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if entry.name.endswith(".png"):
-                        found.setdefault(entry.name, entry.path)
+        for path in sorted(glob.glob(os.path.join(root, pattern, "*.png"))):
+            found.setdefault(os.path.basename(path), path)
     return found
-
-
-def read_list(path: os.PathLike) -> list[str]:
-    """The image indices of a split list, one a line."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
 
 
 @dataclasses.dataclass(eq=False)  # like tfds.core.BuilderConfig (not frozen)
@@ -168,10 +146,6 @@ class NihCxr14(rc.DropCountingBuilder):
     name, so any mix works.
     """
 
-    def __init__(self, *, config=None, **kwargs):
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(config=rc.predefined(type(self), config), **kwargs)
-
     def _info(self) -> tfds.core.DatasetInfo:
         size, n = self.builder_config.image_size, len(CLASS_NAMES)
         return tfds.core.DatasetInfo(
@@ -192,22 +166,12 @@ class NihCxr14(rc.DropCountingBuilder):
             homepage="https://nihcc.app.box.com/v/ChestXray-NIHCC",
         )
 
-    def _files(self, dl_manager) -> tuple[os.PathLike, str, str]:
-        """(manual dir, data entry name, box list name); raises naming the first absent file."""
-        entry, bbox = DATA_ENTRY_CSVS[0], BBOX_CSVS[0]
-        try:
-            manual = dl_manager.manual_dir
-            entry = next((n for n in DATA_ENTRY_CSVS if (manual / n).exists()), entry)
-            bbox = next((n for n in BBOX_CSVS if (manual / n).exists()), bbox)
-        except AssertionError:
-            pass  # absent or empty: require_files reports it
-        root = rc.require_files(dl_manager, self.name, [entry, bbox, TRAIN_VAL_LIST, TEST_LIST])
-        return root, entry, bbox
-
     def _shard_iterators_per_split(self, dl_manager):
-        root, entry_csv, bbox_csv = self._files(dl_manager)
-        # Every label and box is parsed before any record is written: a malformed file fails at
-        # once, not half way through the build.
+        entry_csv = rc.first_present(dl_manager, DATA_ENTRY_CSVS)
+        bbox_csv = rc.first_present(dl_manager, BBOX_CSVS)
+        root = rc.require_files(dl_manager, self.name,
+                                [entry_csv, bbox_csv, TRAIN_VAL_LIST, TEST_LIST])
+        # Every label and box is parsed before any record is written: a bad file fails at once.
         entries = {r["Image Index"].strip(): (int(r["Patient ID"]), encode_findings(
                        r["Finding Labels"], f"{entry_csv} {r['Image Index']}"))
                    for r in rc.iter_csv(root / entry_csv, ENTRY_COLUMNS)}
@@ -228,17 +192,15 @@ class NihCxr14(rc.DropCountingBuilder):
         planned: dict[str, list] = {split: [] for split in SPLITS}
         seen: set[str] = set()
         for list_name in (TRAIN_VAL_LIST, TEST_LIST):
-            for index in read_list(root / list_name):
+            with open(root / list_name, encoding="utf-8") as f:
+                listed = [line.strip() for line in f if line.strip()]
+            for index in listed:
                 entry = entries.get(index)
                 split = "test" if list_name == TEST_LIST else (
-                    "validation" if entry and is_validation_patient(entry[0]) else "train")
-                reason = None
-                if index in seen:
-                    reason = rc.DUPLICATE
-                elif entry is None:
-                    reason = rc.METADATA_MISSING
-                elif index not in images:
-                    reason = rc.IMAGE_MISSING
+                    "validation" if entry and entry[0] % VALIDATION_MODULUS == 0 else "train")
+                reason = (rc.DUPLICATE if index in seen
+                          else rc.METADATA_MISSING if entry is None
+                          else rc.IMAGE_MISSING if index not in images else None)
                 seen.add(index)
                 if reason:
                     self._drops[split][reason] += 1

@@ -50,25 +50,16 @@ class ArraySource:
         return [self[i] for i in indices]
 
 
-def _decode(value: Any) -> Any:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def stack_records(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """List of per-record dicts -> dict of stacked numpy arrays (bytes decoded to str)."""
+def read(source: Any, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """The records at ``indices`` of ``source`` (read batched when the source supports it) as a
+    dict of stacked numpy arrays (bytes decoded to str)."""
+    indices = [int(i) for i in indices]
+    batched = hasattr(source, "__getitems__")
+    records = source.__getitems__(indices) if batched else [source[i] for i in indices]
     if not records:
         raise ValueError("cannot stack an empty list of records")
-    return {k: np.stack([np.asarray(_decode(r[k])) for r in records]) for k in records[0]}
-
-
-def read(source: Any, indices: Sequence[int]) -> dict[str, np.ndarray]:
-    """Reads ``indices`` from ``source`` (batched when the source supports it) and stacks them."""
-    indices = [int(i) for i in indices]
-    if hasattr(source, "__getitems__"):
-        records = source.__getitems__(indices)
-    else:
-        records = [source[i] for i in indices]
-    return stack_records(records)
+    return {k: np.stack([np.asarray(r[k].decode("utf-8") if isinstance(r[k], bytes) else r[k])
+                         for r in records]) for k in records[0]}
 
 
 def to_unit_float(image: np.ndarray) -> np.ndarray:
@@ -153,11 +144,9 @@ def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
 
 def train_batches(reader: BatchReader, global_batch: int, *, seed: int, start_step: int = 0,
                   num_threads: int = 2, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of global batches ``start_step, start_step + 1, ...`` (endless).
-
-    Records are shuffled anew every epoch (a seeded permutation); batches run across epoch
-    boundaries, so every batch is full.  ``num_threads`` read and decode ahead in the background.
-    """
+    """This process's rows of global batches ``start_step, start_step + 1, ...`` (endless), read
+    and decoded ahead by ``num_threads`` background threads.  Records are shuffled anew every
+    epoch (a seeded permutation); batches run across epoch boundaries, so every batch is full."""
     n = len(reader.source)
     if global_batch <= 0:
         raise ValueError(f"batch size must be positive, got {global_batch}")
@@ -170,8 +159,9 @@ def train_batches(reader: BatchReader, global_batch: int, *, seed: int, start_st
     return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
 
 
-def ordered_batches(reader: BatchReader, batch_size: int, *, start: int = 0, stop: int | None = None,
-                    num_threads: int = 2, prefetch: int = 2) -> Iterator[tuple[np.ndarray, dict]]:
+def ordered_batches(reader: BatchReader, batch_size: int, *, start: int = 0,
+                    stop: int | None = None, num_threads: int = 2,
+                    prefetch: int = 2) -> Iterator[tuple[np.ndarray, dict]]:
     """``(indices, batch)`` for records ``start .. stop - 1`` in order, ``batch_size`` at a time
     (the last chunk may be shorter), read ahead in the background; for evaluation and jobs."""
     stop = len(reader.source) if stop is None else int(stop)

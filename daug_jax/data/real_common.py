@@ -1,14 +1,13 @@
-"""Shared pieces of the real chest X-ray builders (``mimic_cxr``, ``chexpert_cxr``).
+"""Shared pieces of the real chest X-ray builders (``mimic_cxr``, ``chexpert_cxr``, ``nih_cxr14``).
 
-Both datasets are credentialed downloads, so their builders follow TFDS's manual-download
-convention: the files are placed under a ``manual_dir`` and ``download_and_prepare`` converts them
-to array_record shards readable without TensorFlow.  They are ``tfds.core.ShardBasedBuilder``s:
-each shard is written straight from its generator, in CSV order.  (``GeneratorBasedBuilder``
-shuffles every record first, and its shuffler spills to disk through TensorFlow once a split
-passes 1 GB.)  Shards are planned from the CSVs alone; the file reads happen while a shard is
-written, so memory stays bounded by the shard size (see `shard`).
+The datasets are manual downloads (TFDS's convention: files placed under a ``manual_dir``);
+``download_and_prepare`` converts them to array_record shards readable without TensorFlow.  The
+builders are ``tfds.core.ShardBasedBuilder``s, each shard written straight from its generator in
+CSV order (``GeneratorBasedBuilder`` shuffles through TensorFlow once a split passes 1 GB).
+Shards are planned from the CSVs alone and the images read while a shard is written, so memory
+stays bounded by the shard size (see `shard`).
 
-Both produce the same features, so a training loop can switch dataset by name:
+MIMIC-CXR and CheXpert produce the same features, so a training loop can switch dataset by name:
 
     image       uint8 [S, S, 1]   grayscale, resized to the config's S x S
     report      text              report section(s); "" where the dataset has no reports
@@ -82,11 +81,8 @@ def features(image_size: int) -> tfds.features.FeaturesDict:
 
 
 def predefined(builder_cls, config):
-    """The predefined config equal to ``config``, else ``config`` itself.
-
-    TFDS rejects a new config object that carries a predefined config's name, even when every
-    field is equal; this lets callers build configs from values (e.g. from an experiment).
-    """
+    """The predefined config equal to ``config``, else ``config`` itself (TFDS rejects a new
+    config object carrying a predefined config's name, even when every field is equal)."""
     if not isinstance(config, tfds.core.BuilderConfig):
         return config  # a name, or None for the default
     same = builder_cls.builder_configs.get(config.name)
@@ -96,13 +92,8 @@ def predefined(builder_cls, config):
 
 
 def require_files(dl_manager, dataset: str, required: Sequence[str]) -> os.PathLike:
-    """Returns the manual directory, or raises naming the first required file that is absent.
-
-    Args:
-      dl_manager: the builder's ``tfds.download.DownloadManager``.
-      dataset: dataset name for the message.
-      required: paths relative to the manual directory, in the order they are reported.
-    """
+    """The manual directory of ``dl_manager``; raises FileNotFoundError naming the first of the
+    ``required`` paths (relative to it, in order) that is absent."""
     try:
         root = dl_manager.manual_dir
     except AssertionError as err:  # TFDS: directory absent or empty; its message has the path
@@ -118,13 +109,18 @@ def require_files(dl_manager, dataset: str, required: Sequence[str]) -> os.PathL
     return root
 
 
-def read_csv(path: os.PathLike, required_columns: Iterable[str]) -> list[dict[str, str]]:
-    """Rows of a (optionally gzipped) CSV as dicts of strings; checks the header first."""
-    return list(iter_csv(path, required_columns))
+def first_present(dl_manager, names: Sequence[str]) -> str:
+    """The first of ``names`` present in the manual directory, else the first (for the error)."""
+    try:
+        root = dl_manager.manual_dir
+    except AssertionError:  # absent or empty: require_files reports it
+        return names[0]
+    return next((n for n in names if (root / n).exists()), names[0])
 
 
 def iter_csv(path: os.PathLike, required_columns: Iterable[str]) -> Iterator[dict[str, str]]:
-    """`read_csv` one row at a time (MIMIC's metadata CSV is 377k rows of 12 columns)."""
+    """Rows of a (optionally gzipped) CSV as dicts of strings, one at a time; checks the header
+    first."""
     path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", newline="", encoding="utf-8") as f:
@@ -139,8 +135,8 @@ def iter_csv(path: os.PathLike, required_columns: Iterable[str]) -> Iterator[dic
 def encode_labels(row: Mapping[str, str], where: str = "") -> tuple[np.ndarray, np.ndarray]:
     """CheXpert label columns -> (labels int8 [14] in {-1, 0, 1}, missing bool [14]).
 
-    A blank cell is "not mentioned": label 0 with ``missing`` True, so that losses can mask it
-    separately from an explicit negative.  ``where`` names the row in error messages.
+    A blank cell ("not mentioned") is label 0 with ``missing`` True, so that losses can mask it
+    apart from an explicit negative; ``where`` names the row in the ValueError of a bad cell.
     """
     labels = np.zeros(len(CHEXPERT_CLASSES), np.int8)
     missing = np.zeros(len(CHEXPERT_CLASSES), np.bool_)
@@ -161,27 +157,19 @@ def encode_labels(row: Mapping[str, str], where: str = "") -> tuple[np.ndarray, 
 
 
 def load_image(path: os.PathLike, size: int) -> np.ndarray:
-    """Decodes an image file to grayscale uint8 [size, size, 1] (aspect ratio not kept).
-
-    Chest radiographs are close to square (MIMIC about 5:6), so a plain resize keeps the whole
-    field of view, which a centre crop would cut.  Raises OSError for absent or corrupt files
-    (truncated JPEGs raise: truncated images are not silently padded).
-    """
+    """Decodes an image file to grayscale uint8 [size, size, 1]; raises OSError for absent or
+    corrupt (also truncated) files.  A plain resize, not a centre crop: radiographs are close to
+    square (MIMIC about 5:6) and a crop would cut the field of view."""
     with Image.open(path) as im:
-        # JPEG only: let libjpeg decode at the smallest 1/2^k scale still >= size (much faster
-        # for 3000-pixel radiographs); a no-op for other formats.
-        im.draft("L", (size, size))
+        im.draft("L", (size, size))  # JPEG: decoded at the smallest 1/2^k scale >= size (fast)
         im = im.convert("L").resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(im, dtype=np.uint8)[..., None]
 
 
 def load_images(items: Iterable[Any], path_of: Callable[[Any], os.PathLike], size: int, *,
                 workers: int | None = None) -> Iterator[tuple[Any, np.ndarray | None, str | None]]:
-    """Yields ``(item, image, None)`` or ``(item, None, reason)`` in input order.
-
-    Decoding runs on a thread pool (Pillow releases the GIL while decoding), a chunk at a time so
-    memory stays bounded on a 377k-image dataset.
-    """
+    """Yields ``(item, image, None)`` or ``(item, None, reason)`` in input order, decoded on a
+    thread pool (Pillow releases the GIL) a chunk at a time, so that memory stays bounded."""
     def decode(item):
         path = path_of(item)
         try:
@@ -200,30 +188,10 @@ def load_images(items: Iterable[Any], path_of: Callable[[Any], os.PathLike], siz
 
 
 def shard(items: Sequence, record_bytes: int) -> list[Sequence]:
-    """Consecutive slices of ``items`` (in order), each within the shard bounds.
-
-    ``record_bytes`` is the raw size of one example (`real_record_bytes` for the real datasets).
-    No items give one empty shard, so that every split is written (see `drop_empty_splits`).
-    """
+    """Consecutive slices of ``items``, each within the shard bounds for examples of
+    ``record_bytes`` raw bytes; no items give one empty shard, so that every split is written."""
     per_shard = max(1, min(MAX_SHARD_RECORDS, MAX_SHARD_BYTES // max(1, record_bytes)))
     return [items[i:i + per_shard] for i in range(0, len(items), per_shard)] or [items[:0]]
-
-
-def drop_empty_splits(info: tfds.core.DatasetInfo) -> None:
-    """Removes the splits that kept no record, and their empty shard files.
-
-    TFDS cannot open a split without records (array_record needs at least one non-empty file),
-    and ``as_data_source()`` opens every split: an empty one (e.g. ``num_validation=0``, or all
-    of a split's images unreadable) is left out of the dataset instead.
-    """
-    empty = [s for s in info.splits.values() if s.num_examples == 0]
-    for split_info in empty:
-        log.warning("%s: split %s kept no record; it is left out", info.full_name, split_info.name)
-        for path in split_info.filepaths:
-            path.unlink(missing_ok=True)
-    if empty:
-        info.set_splits(tfds.core.SplitDict(
-            [s for s in info.splits.values() if s.num_examples > 0]))
 
 
 def real_record_bytes(image_size: int) -> int:
@@ -231,54 +199,53 @@ def real_record_bytes(image_size: int) -> int:
     return image_size * image_size + 2 * len(CHEXPERT_CLASSES) + TEXT_BYTES
 
 
-def start_drop_counts(info: tfds.core.DatasetInfo) -> None:
-    """Resets the drop counts so that a rebuild does not add to the previous build's."""
-    info.metadata["dropped"] = {}
-
-
-def store_drop_counts(info: tfds.core.DatasetInfo, split: str, counts: collections.Counter) -> None:
-    """Saves a split's drop counts into the metadata written next to the data."""
-    info.metadata["dropped"][split] = {k: int(v) for k, v in sorted(counts.items())}
-
-
 def new_drop_counts(info: tfds.core.DatasetInfo,
                     splits: Iterable[str]) -> dict[str, collections.Counter]:
-    """Resets the stored counts and returns empty per-split counters for a new build.
-
-    Planning and the shard generators add to these counters; `finish_drop_counts` stores them
-    once every shard is written, before TFDS writes the metadata next to the data.  The shards
-    run in this process (the builders take no Beam runner), so the counters see every drop.
-    """
-    start_drop_counts(info)
+    """Empty per-split drop counters for a new build, the stored counts reset (a rebuild does not
+    add to the previous build's); the shards run in this process (no Beam runner), so the
+    counters see every drop, and `DropCountingBuilder` stores them once every shard is written."""
+    info.metadata["dropped"] = {}
     return {split: collections.Counter() for split in splits}
 
 
-def finish_drop_counts(name: str, info: tfds.core.DatasetInfo,
-                       drops: Mapping[str, collections.Counter]) -> None:
-    """Stores every split's drop counts in the metadata and logs them."""
-    for split, counts in drops.items():
-        store_drop_counts(info, split, counts)
-    log_drop_counts(name, info)
+class ArrayRecordBuilder(tfds.core.ShardBasedBuilder):
+    """A builder writing array_record, its config also given by value (see `predefined`), that
+    leaves out the splits that kept no record (e.g. ``num_validation=0``), shard files included:
+    ``as_data_source()`` opens every split, and array_record cannot open one without records.
+    Abstract (no ``_info``): TFDS registers only its subclasses."""
+
+    def __init__(self, *, config=None, **kwargs):
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(config=predefined(type(self), config), **kwargs)
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        super()._download_and_prepare(dl_manager, download_config)
+        info = self.info
+        empty = [s for s in info.splits.values() if s.num_examples == 0]
+        for split_info in empty:
+            log.warning("%s: split %s kept no record; it is left out", info.full_name,
+                        split_info.name)
+            for path in split_info.filepaths:
+                path.unlink(missing_ok=True)
+        if empty:
+            info.set_splits(tfds.core.SplitDict(
+                [s for s in info.splits.values() if s.num_examples > 0]))
 
 
-class DropCountingBuilder(tfds.core.ShardBasedBuilder):
-    """The real builders' common end of a build: splits left empty by the drops are removed,
-    and every split's drop counts (``self._drops``, from `new_drop_counts`) are stored in the
-    metadata and logged.  Abstract (no ``_info``): TFDS registers only its subclasses."""
+class DropCountingBuilder(ArrayRecordBuilder):
+    """The real builders' common end of a build: every split's drop counts (``self._drops``,
+    from `new_drop_counts`) are stored in the metadata written next to the data and logged."""
 
     _drops: dict
 
     def _download_and_prepare(self, dl_manager, download_config=None):
-        super()._download_and_prepare(dl_manager, download_config)
-        drop_empty_splits(self.info)
-        finish_drop_counts(f"{self.name}/{self.builder_config.name}", self.info, self._drops)
-
-
-def log_drop_counts(name: str, info: tfds.core.DatasetInfo) -> None:
-    """Logs how many records each split kept and dropped, by reason."""
-    for split, counts in info.metadata.get("dropped", {}).items():
-        kept = info.splits[split].num_examples if split in info.splits else 0
-        detail = ", ".join(f"{k}={v}" for k, v in counts.items()) or "none"
-        (log.warning if counts else log.info)(
-            "%s %s: kept %d records; dropped %d (%s)", name, split, kept, sum(counts.values()),
-            detail)
+        super()._download_and_prepare(dl_manager, download_config)  # empty splits dropped
+        info, name = self.info, f"{self.name}/{self.builder_config.name}"
+        for split, counter in self._drops.items():
+            counts = {k: int(v) for k, v in sorted(counter.items())}
+            info.metadata["dropped"][split] = counts
+            kept = info.splits[split].num_examples if split in info.splits else 0
+            detail = ", ".join(f"{k}={v}" for k, v in counts.items()) or "none"
+            (log.warning if counts else log.info)(
+                "%s %s: kept %d records; dropped %d (%s)", name, split, kept, sum(counts.values()),
+                detail)

@@ -21,48 +21,45 @@ targets and a loss mask under ``data.label_policy`` for every consumer alike.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
-DEFAULT = "synthetic_cxr"
+from daug_jax.config import load_config
+from daug_jax.data import builders, chexpert, mimic_cxr, nih
+from daug_jax.lock import workdir_lock
+
+# The label every registered dataset carries for a film without findings (CheXpert's labeler:
+# 1 exactly when no other class is 1 or -1).  Guiding towards it translates a film to healthy.
+NO_FINDING = "No Finding"
 
 
 def _synthetic(cfg: Any, image_size: int):
-    from daug_jax.data import builders
-    from daug_jax.data.real_common import predefined
-
     config = builders.SyntheticCxrConfig(
-        image_size=image_size, num_train=int(cfg.get("num_train", 2000) or 2000),
-        num_validation=int(cfg.get("num_validation", 500) or 0),
-        num_test=int(cfg.get("num_test", 500) or 0), seed=int(cfg.get("seed", 0)))
-    return builders.SyntheticCxr(config=predefined(builders.SyntheticCxr, config),
-                                 data_dir=cfg.get("data_dir") or "runs/tfds")
+        image_size=image_size, num_train=int(cfg.num_train), num_validation=int(cfg.num_validation),
+        num_test=int(cfg.num_test), seed=int(cfg.seed))
+    return builders.SyntheticCxr(config=config, data_dir=cfg.data_dir)
 
 
 def _mimic(cfg: Any, image_size: int):
-    from daug_jax.data import mimic_cxr
-
     config = mimic_cxr.MimicCxrConfig(
         image_size=image_size,
-        report_section=cfg.get("report_section", None) or "findings+impression")
-    return mimic_cxr.MimicCxr(config=config, data_dir=cfg.get("data_dir") or "runs/tfds")
+        report_section=cfg.report_section)
+    return mimic_cxr.MimicCxr(config=config, data_dir=cfg.data_dir)
 
 
 def _chexpert(cfg: Any, image_size: int):
-    from daug_jax.data import chexpert
-
     return chexpert.ChexpertCxr(config=chexpert.ChexpertCxrConfig(image_size=image_size),
-                                data_dir=cfg.get("data_dir") or "runs/tfds")
+                                data_dir=cfg.data_dir)
 
 
 def _nih(cfg: Any, image_size: int):
-    from daug_jax.data import nih
-
-    return nih.NihCxr14(config=nih.NihCxr14Config(image_size=image_size),
-                        data_dir=cfg.get("data_dir") or "runs/tfds")
+    return nih.NihCxr14(config=nih.NihCxr14Config(image_size=image_size), data_dir=cfg.data_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +80,9 @@ REGISTRY: dict[str, Entry] = {
 ALIASES = {"synthetic": "synthetic_cxr"}  # the name older configs used
 
 
-def canonical_name(name: str | None) -> str:
-    """The registered name of ``name`` (None -> the default); unknown names list the known ones."""
-    name = ALIASES.get(name or DEFAULT, name or DEFAULT)
+def canonical_name(name: str) -> str:
+    """The registered name of ``name`` (or of its alias); unknown names list the known ones."""
+    name = ALIASES.get(name, name)
     if name not in REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; registered datasets: "
                          f"{', '.join(sorted(REGISTRY))}")
@@ -132,33 +129,29 @@ class Dataset:
 def make_builder(name: str, data_config: Any, image_size: int | None = None):
     """The (not necessarily prepared) builder of ``name`` for ``data_config``."""
     name = canonical_name(name)
-    size = int(image_size if image_size is not None else data_config.get("image_size", 64))
+    size = int(image_size if image_size is not None else data_config.image_size)
     return REGISTRY[name].make(data_config, size)
 
 
 def open_dataset(data_config: Any, *, image_size: int | None = None) -> Dataset:
-    """The dataset named by ``data_config.name`` under ``data_config.data_dir``, prepared.
-
+    """The dataset named by ``data_config.name`` under ``data_config.data_dir``, prepared:
     ``synthetic_cxr`` is generated when missing; a real dataset that was never prepared raises
-    with the ``daug-jax data prepare`` command that prepares it.
-    """
-    name = canonical_name(data_config.get("name", None))
+    FileNotFoundError with the ``daug-jax data prepare`` command that prepares it."""
+    name = canonical_name(data_config.name)
     entry = REGISTRY[name]
     builder = make_builder(name, data_config, image_size)
     if not builder.is_prepared() and jax.process_count() > 1:
         # Several processes of one job: the first builds, the others wait and read its files.
         if jax.process_index() == 0 and entry.build_on_demand:
             builder.download_and_prepare()
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"dataset {name} prepared")
         builder = make_builder(name, data_config, image_size)
     if not builder.is_prepared():
         if not entry.build_on_demand:
+            root, config = builder._data_dir_root, builder.builder_config
             raise FileNotFoundError(
-                f"{name} ({builder.builder_config.name}) is not prepared in {builder._data_dir_root}"
-                f"; run `daug-jax data prepare {name} --manual-dir DIR --data-dir "
-                f"{builder._data_dir_root} --size {builder.builder_config.image_size}` first")
+                f"{name} ({config.name}) is not prepared in {root}; run `daug-jax data prepare "
+                f"{name} --manual-dir DIR --data-dir {root} --size {config.image_size}` first")
         builder.download_and_prepare()
     return Dataset(name, builder, entry)
 
@@ -179,7 +172,7 @@ def apply_data_args(config: Any, args) -> None:
         config.data.name = args.data
     if args.data_dir:
         config.data.data_dir = args.data_dir
-    config.data.name = canonical_name(config.data.get("name", None))
+    config.data.name = canonical_name(config.data.name)
 
 
 def add_run_args(parser, *, config: str, workdir: str, example: str) -> None:
@@ -193,12 +186,8 @@ def add_run_args(parser, *, config: str, workdir: str, example: str) -> None:
 
 
 def open_run(args) -> tuple[Any, Dataset]:
-    """``(config, dataset)`` of a training command's parsed `add_run_args` (joins the
-    distributed runtime first when the environment asks for it)."""
-    from daug_jax import parallel
-    from daug_jax.config import load_config
-
-    parallel.maybe_initialize_distributed()
+    """``(config, dataset)`` of a training command's parsed `add_run_args`: the config with its
+    overrides and ``--data`` / ``--data-dir`` applied, and its dataset, prepared."""
     config = load_config(args.config, args.set)
     apply_data_args(config, args)
     return config, open_dataset(config.data)
@@ -206,10 +195,6 @@ def open_run(args) -> tuple[Any, Dataset]:
 
 def main(command: str, argv: list[str]) -> int:
     """``daug-jax data prepare {chexpert_cxr,mimic_cxr,nih_cxr14} --manual-dir M --data-dir D``."""
-    import argparse
-
-    import ml_collections
-
     manual = sorted(n for n, e in REGISTRY.items() if not e.build_on_demand)
     parser = argparse.ArgumentParser(
         prog=f"daug-jax {command}",
@@ -226,8 +211,6 @@ def main(command: str, argv: list[str]) -> int:
     cfg = ml_collections.ConfigDict(dict(data_dir=args.data_dir,
                                          report_section=args.report_section))
     builder = make_builder(args.dataset, cfg, args.size)
-    from daug_jax.lock import workdir_lock
-
     with workdir_lock(args.data_dir, what=command):  # two builds would mix their files
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))

@@ -11,6 +11,8 @@ import os
 import textwrap
 import time
 
+from threadpoolctl import threadpool_limits
+
 from daug_jax.data import synthetic
 from daug_jax.files import save_figure
 
@@ -20,16 +22,13 @@ COLOURS = dict(zip(synthetic.LOCALIZED_CLASSES,
 
 
 def save_grid(data: dict, path: str, *, cols: int = 4, wrap: int = 44) -> None:
-    """Writes a grid of records (image, finding outlines, labels, wrapped report) to ``path``.
-
-    Args:
-      data: `synthetic.generate` output (image [N, H, W, 1], labels [N, C], masks [N, C, H, W], ...).
-    """
-    import matplotlib
+    """Writes a grid of ``data`` (`synthetic.generate` output: image [N, H, W, 1], labels [N, C],
+    masks [N, C, H, W], report, id) to ``path``: films, finding outlines, labels, reports."""
+    import matplotlib  # here, not at the top: its start-up cost (`data bench` never draws)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+    import matplotlib.pyplot as plt  # after use("Agg"), for the same reason
+    from matplotlib.lines import Line2D  # for the same reason
 
     n = len(data["image"])
     rows = -(-n // cols)
@@ -46,12 +45,14 @@ def save_grid(data: dict, path: str, *, cols: int = 4, wrap: int = 44) -> None:
                 continue
             names.append(name + ("?" if label < 0 else ""))
             if data["masks"][k, c].any():  # dashed: a hedged (uncertain) finding
-                ax.contour(data["masks"][k, c].astype(float), levels=[0.5], colors=[COLOURS[name]],
-                           linewidths=1.2, linestyles="--" if label < 0 else "-")
+                ax.contour(data["masks"][k, c].astype(float), levels=[0.5],
+                           colors=[COLOURS[name]], linewidths=1.2,
+                           linestyles="--" if label < 0 else "-")
         title = f"{data['id'][k]}: " + (", ".join(names) or "No Finding")
         ax.set_title("\n".join(textwrap.wrap(title, wrap)), fontsize=7.5, loc="left")
         report = "\n".join(textwrap.fill(part, wrap) for part in str(data["report"][k]).split("\n"))
-        ax.text(0, -0.03, report, transform=ax.transAxes, fontsize=6.3, va="top", family="monospace")
+        ax.text(0, -0.03, report, transform=ax.transAxes, fontsize=6.3, va="top",
+                family="monospace")
     handles = [Line2D([], [], color=c, lw=2, label=name) for name, c in COLOURS.items()]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.985), h_pad=0.5)
@@ -64,8 +65,6 @@ def bench(num: int, size: int, seed: int = 0) -> dict:
     Returns {"seconds" (wall), "cpu_seconds", "images_per_s" (wall), "cpu_images_per_s"}.
     """
     synthetic.generate(8, image_size=size, seed=seed)  # warm-up: imports, first allocations
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1):  # no BLAS/OpenMP threads: a one-core figure
         wall, cpu = time.perf_counter(), time.process_time()
         synthetic.generate(num, image_size=size, seed=seed)
@@ -74,35 +73,33 @@ def bench(num: int, size: int, seed: int = 0) -> dict:
 
 
 def main(command: str, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"daug-jax {command}", description=__doc__.splitlines()[0])
+    show = command == "data show"  # else "data bench"
+    parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="image size in pixels (>= 32)")
     parser.add_argument("--seed", type=int, default=0)
-    if command == "data show":
+    parser.add_argument("--num", type=int, default=12 if show else 2048)
+    if show:
         parser.add_argument("--out", default="runs/data/samples.png")
-        parser.add_argument("--num", type=int, default=12)
         parser.add_argument("--start", type=int, default=0, help="index of the first record")
-        args = parser.parse_args(argv)
-        if args.num < 1:
-            parser.error(f"--num must be >= 1, got {args.num}")
-        try:
-            data = synthetic.generate(args.num, image_size=args.size, seed=args.seed,
-                                      start=args.start)
-        except ValueError as err:  # bad size/seed/start: a usage error, not a traceback
-            parser.error(str(err))
-        save_grid(data, args.out)
-        print(f"wrote {args.out}: {args.num} records at {args.size} px (seed {args.seed})")
-        return 0
-    parser.add_argument("--num", type=int, default=2048)
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f"--num must be >= 1, got {args.num}")
     try:
-        r = bench(args.num, args.size, args.seed)
-    except ValueError as err:
+        if show:
+            data = synthetic.generate(args.num, image_size=args.size, seed=args.seed,
+                                      start=args.start)
+        else:
+            r = bench(args.num, args.size, args.seed)
+    except ValueError as err:  # bad size/seed/start: a usage error, not a traceback
         parser.error(str(err))
+    if show:
+        save_grid(data, args.out)
+        print(f"wrote {args.out}: {args.num} records at {args.size} px (seed {args.seed})")
+        return 0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"synthetic generate: {args.size} px, {args.num} images in {r['seconds']:.2f} s -> "
           f"{r['images_per_s']:.0f} images/s (1 core, wall clock)")
-    print(f"  process CPU time {r['cpu_seconds']:.2f} s -> {r['cpu_images_per_s']:.0f} images/s per "
-          f"busy core (1-min load average {load:.1f} on {os.cpu_count()} CPUs)")
+    print(f"  process CPU time {r['cpu_seconds']:.2f} s -> {r['cpu_images_per_s']:.0f} images/s "
+          f"per busy core (1-min load average {load:.1f} on {os.cpu_count()} CPUs)")
     return 0

@@ -1,11 +1,11 @@
 """Noise schedules, forward noising and the deterministic DDIM step.
 
-Level ``t`` (0-based, ``0 <= t < T``) has signal fraction ``alpha_bar[t] = prod_{i<=t} (1 - beta_i)``;
+Level ``t`` (``0 <= t < T``) has signal fraction ``alpha_bar[t] = prod_{i<=t} (1 - beta_i)``;
 ``x_t = sqrt(alpha_bar[t]) * x_0 + sqrt(1 - alpha_bar[t]) * eps``.  A clean image is treated as
 sitting at level 0 (``alpha_bar[0]`` is 1 - beta_0, within 1e-4 of 1).
 
 Schedules are computed once in float64 NumPy (tiny, exact); the train steps and samplers take
-``alpha_bar`` as a float32 device array.
+``alpha_bar`` as a float32 device array.  The models work in [-1, 1] (`to_model_space`).
 """
 
 from __future__ import annotations
@@ -50,9 +50,14 @@ def alphas_cumprod(schedule: str, num_steps: int) -> np.ndarray:
     return np.cumprod(1.0 - betas(schedule, num_steps))
 
 
-def _expand(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-    """Per-example coefficients ``a: [B]`` -> ``[B, 1, ..., 1]`` broadcastable against ``x``."""
-    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)).astype(x.dtype)
+def to_model_space(images):
+    """Stored pixels -> the models' [-1, 1]: uint8 in [0, 255] or floats in [0, 1]; same shape.
+
+    NumPy in, NumPy out; a JAX array (also inside jit) stays a JAX array."""
+    images = images if hasattr(images, "dtype") else np.asarray(images)
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 127.5 - 1.0
+    return images.astype(np.float32) * 2.0 - 1.0
 
 
 def q_sample(x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
@@ -63,15 +68,12 @@ def q_sample(x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
     """
     chex.assert_equal_shape([x0, noise])
     chex.assert_rank(t, 1)
-    ab = _expand(jnp.asarray(alpha_bar)[t], x0)
+    ab = jnp.asarray(alpha_bar)[t].reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
     return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
 
 
 def eps_loss(eps_pred: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
-    """The DDPM "simple" objective: mean squared error of the predicted noise, a float32 scalar.
-
-    eps_pred, noise: [B, H, W, C].
-    """
+    """The DDPM "simple" objective, a float32 scalar: the MSE of eps_pred [B, H, W, C] vs noise."""
     chex.assert_equal_shape([eps_pred, noise])
     diff = eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)
     return jnp.mean(diff * diff)
@@ -87,22 +89,3 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_next):
     """
     x0_hat = (x_t - jnp.sqrt(1.0 - alpha_bar_t) * eps) / jnp.sqrt(alpha_bar_t)
     return jnp.sqrt(alpha_bar_next) * x0_hat + jnp.sqrt(1.0 - alpha_bar_next) * eps
-
-
-def timestep_grid(num_steps: int, num_sample_steps: int, max_step: int | None = None) -> np.ndarray:
-    """Respaced levels for DDIM: ``[K] int32``, increasing, starting at 0.
-
-    The stride is ``num_steps // num_sample_steps`` (T = 1000 and 25 sample steps give
-    0, 40, 80, ..., 960, as guided-diffusion's "ddim25").  With ``max_step = L`` the grid keeps the
-    levels below L and ends exactly at L, so encoding walks 0 -> L along the grid and decoding
-    walks it back: T = 1000, 20 sample steps, L = 500 gives 0, 50, ..., 500 (10 moves each way).
-    """
-    if not 1 <= num_sample_steps <= num_steps:
-        raise ValueError(f"num_sample_steps must be in [1, {num_steps}], got {num_sample_steps}")
-    stride = num_steps // num_sample_steps
-    grid = np.arange(0, num_steps, stride)
-    if max_step is not None:
-        if not 0 <= max_step < num_steps:
-            raise ValueError(f"max_step must be in [0, {num_steps - 1}], got {max_step}")
-        grid = np.append(grid[grid < max_step], max_step)
-    return grid.astype(np.int32)

@@ -34,6 +34,7 @@ def classifier_auroc(models, images: np.ndarray, labels: np.ndarray, data_classe
     names = [data_classes[c] for c in columns]
     logit_index = [list(models.class_names).index(n) for n in names]
     truth = np.asarray(labels)[:, columns]
+    positive, mask = (truth == 1).astype(np.float32), (truth >= 0).astype(np.float32)
     alpha_bar = jnp.asarray(models.alpha_bar, jnp.float32)
 
     @jax.jit
@@ -52,9 +53,8 @@ def classifier_auroc(models, images: np.ndarray, labels: np.ndarray, data_classe
                            int(level), jax.random.fold_in(key, i))
             scores.append(np.asarray(batch)[:len(x)][:, logit_index])
         scores = np.concatenate(scores)
-        mask = (truth >= 0).astype(np.float32)
-        per_class = metrics.auroc(scores, (truth == 1).astype(np.float32), mask)
-        macro = metrics.macro_auroc(scores, (truth == 1).astype(np.float32), mask)
+        per_class = metrics.auroc(scores, positive, mask)
+        macro = metrics.macro_auroc(scores, positive, mask)
         out[str(int(level))] = {
             "macro": None if np.isnan(macro) else macro,
             "per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, per_class)}}

@@ -1,4 +1,5 @@
-"""The epsilon-prediction UNet (DDPM / guided-diffusion layout, NHWC) and its building blocks.
+"""The diffusion networks: the epsilon-prediction UNet (DDPM / guided-diffusion layout, NHWC),
+the noise-aware classifier built from its down path, and their building blocks.
 
     x [B, H, W, C] in [-1, 1], t [B] int
       -> stem conv -> down path: per level, `num_res_blocks` ResBlocks (+ attention at chosen
@@ -10,8 +11,12 @@
 
 Every ResBlock receives the timestep embedding (sinusoidal features -> 2-layer MLP).  The output
 convolutions of residual branches start at zero so a fresh network is the identity plus a small
-perturbation (stable early training, as in guided-diffusion).  ``dtype`` sets the compute dtype
-(e.g. bfloat16 on accelerators); parameters stay float32 and the output is float32.
+perturbation (stable early training, as in guided-diffusion).
+
+The classifier p_phi(y | x_t, t) that guides DDIM decoding is the same down path, then a
+ResBlock, GroupNorm, SiLU, global average pooling and a linear head: one logit per class, read
+through a sigmoid (the findings are not exclusive).  It is trained on noised images, so that its
+gradient is meaningful at every level the decoder visits.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -
 
 
 def _groups(channels: int, max_groups: int) -> int:
-    """Largest group count <= max_groups that divides ``channels`` (narrow nets have few channels)."""
+    """Largest group count <= max_groups dividing ``channels`` (narrow nets have few channels)."""
     g = min(max_groups, channels)
     while channels % g:
         g -= 1
@@ -69,7 +74,7 @@ class TimeEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """x: [B, H, W, Cin], temb: [B, D] -> [B, H, W, out_ch]; the level is added after the first conv."""
+    """x: [B, H, W, Cin], temb: [B, D] -> [B, H, W, out_ch]; temb joins after the first conv."""
     out_ch: int
     groups: int = 32
     dtype: Dtype = jnp.float32
@@ -128,10 +133,9 @@ def down_path(module: nn.Module, h: jax.Array, temb: jax.Array) -> tuple[jax.Arr
     """The encoder half the UNet and the classifier share, called inside ``module``'s compact
     ``__call__`` (its blocks are ``module``'s submodules, named in creation order).
 
-    module: a `UNet` or `NoiseAwareClassifier` (``ch``, ``channel_mult``, ``num_res_blocks``,
-    ``attention_resolutions``, ``num_heads``, ``norm_groups``, ``dtype``); h: [B, H, W, ch] after
-    the stem; temb: [B, 4 ch].  Returns (h [B, H / 2^(L-1), W / 2^(L-1), ch * channel_mult[-1]],
-    skips: every intermediate activation, for the UNet's up path).
+    module: a `UNet` or `NoiseAwareClassifier`; h: [B, H, W, ch] after the stem; temb: [B, 4 ch].
+    Returns (h [B, H / 2^(L-1), W / 2^(L-1), ch * channel_mult[-1]], skips: every intermediate
+    activation, for the UNet's up path).
     """
     g, dt = module.norm_groups, module.dtype
     skips = [h]
@@ -158,7 +162,7 @@ class UNet(nn.Module):
         has attention whenever this is non-empty.
       num_heads, norm_groups: attention heads and the GroupNorm group cap.
       out_channels: output channels (default: the input's).
-      dtype: compute dtype; parameters are float32.
+      dtype: compute dtype (e.g. bfloat16 on accelerators); parameters and output are float32.
     """
     ch: int = 32
     channel_mult: Sequence[int] = (1, 2)
@@ -171,7 +175,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t):
-        """x: [B, H, W, C] float32 in [-1, 1]; t: [B] int levels -> eps: [B, H, W, C_out] float32."""
+        """x: [B, H, W, C] float32 in [-1, 1]; t: [B] int levels -> eps [B, H, W, C_out] float32."""
         chex.assert_rank(x, 4)
         chex.assert_shape(t, (x.shape[0],))
         factor = 2 ** (len(self.channel_mult) - 1)
@@ -199,3 +203,28 @@ class UNet(nn.Module):
 
         h = nn.silu(_norm(h.shape[-1], g, dt)(h))
         return _conv(out_ch, dt, zero=True)(h).astype(jnp.float32)
+
+
+class NoiseAwareClassifier(nn.Module):
+    """Timestep-conditioned multi-label classifier; attributes as `UNet`'s, plus ``num_classes``."""
+    num_classes: int
+    ch: int = 32
+    channel_mult: Sequence[int] = (1, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: Sequence[int] = ()
+    num_heads: int = 1
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t):
+        """x (noised): [B, H, W, C] float32 in [-1, 1]; t: [B] int -> [B, num_classes] float32."""
+        chex.assert_rank(x, 4)
+        chex.assert_shape(t, (x.shape[0],))
+        g, dt = self.norm_groups, self.dtype
+        temb = TimeEmbedding(4 * self.ch, dtype=dt)(t)
+        h, _ = down_path(self, _conv(self.ch, dt)(x.astype(dt)), temb)
+        h = ResBlock(h.shape[-1], g, dt)(h, temb)
+        h = nn.silu(_norm(h.shape[-1], g, dt)(h))
+        h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))              # [B, C_last]
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(h)

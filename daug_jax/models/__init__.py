@@ -1,1 +1,1 @@
-"""Models: the multi-channel vision tower, the BERT text tower and the two-tower model."""
+"""Models: the multi-channel vision tower, the BERT and CLIP towers and the two-tower model."""

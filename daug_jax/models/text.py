@@ -1,49 +1,47 @@
-"""The text tower: a BERT encoder in Flax Linen and Hugging Face checkpoint loading.
-
-The encoder follows the original post-LayerNorm BERT exactly so that a Hugging Face ``BertModel``
-checkpoint (``model.safetensors``) loads into it and reproduces its last hidden state:
+"""The text tower: a BERT encoder in Flax Linen, Hugging Face checkpoint loading, and the
+WordPiece tokenisation of reports and prompts.  The encoder is the original post-LayerNorm BERT,
+so a Hugging Face ``BertModel`` checkpoint loads into it and reproduces its last hidden state:
 
     ids [B, L] -> word + position + token-type embeddings -> LayerNorm -> dropout      x: [B, L, H]
     repeat num_hidden_layers times:
         x = LayerNorm(x + dropout(Dense(self_attention(x, mask))))
         x = LayerNorm(x + dropout(Dense(gelu(Dense(x)))))                 FFN width I, exact GELU
 
-``TextTower`` pools the hidden states ([CLS] token or masked mean) and projects to the joint
-embedding space. Normalisation is left to the two-tower model, which owns the temperatures.
-The WordPiece tokenisers are in `daug_jax.models.text_tokenizer` (re-exported here).
-
-Mixed precision: ``dtype`` is the compute dtype of the matmuls; parameters are always float32 and the
-residual stream, LayerNorm and softmax stay float32, because bfloat16 has too few mantissa bits for the
-variance of LayerNorm and for attention logits that differ by small amounts.
+``TextTower`` pools ([CLS] or masked mean) and projects to the joint space, unnormalised.
+``dtype`` is the matmul compute dtype; parameters, the residual stream, LayerNorm and softmax
+stay float32 (bfloat16 has too few mantissa bits for LayerNorm variances and close logits).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
 import math
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 from safetensors.numpy import load_file
 
-from daug_jax.models.text_tokenizer import (  # noqa: F401  (re-exported: callers use text.<name>)
-    SPECIAL_TOKENS, prompt_tokens, tokenize, train_wordpiece_tokenizer)
+if TYPE_CHECKING:
+    import transformers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: pad id 0, as in BERT
 
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """Shape of a BERT encoder; field names follow Hugging Face ``config.json``."""
-
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -58,21 +56,22 @@ class BertConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        """Builds a config from a Hugging Face BERT ``config.json`` dict (unknown keys are ignored)."""
-        # Variants with a different architecture would load without error but compute something else.
-        checks = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+        """From a Hugging Face BERT ``config.json`` dict (unknown keys ignored)."""
+        # Other architectures would load without error but compute something else.
+        checks = {"model_type": "bert", "hidden_act": "gelu",
+                  "position_embedding_type": "absolute"}
         for key, supported in checks.items():
             if d.get(key, supported) != supported:
-                raise ValueError(f"unsupported {key} {d[key]!r} in BERT config (expected {supported!r})")
+                raise ValueError(f"unsupported {key} {d[key]!r} in BERT config "
+                                 f"(expected {supported!r})")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in d]
+        missing = [n for n, f in fields.items()
+                   if f.default is dataclasses.MISSING and n not in d]
         if missing:
             raise KeyError(f"BERT config is missing required key(s): {', '.join(missing)}")
         return cls(**{n: d[n] for n in fields if n in d and d[n] is not None})
@@ -91,19 +90,11 @@ class BertConfig:
 
 def small_config(vocab_size: int) -> BertConfig:
     """A BERT small enough to train from scratch on 2 CPU cores in minutes."""
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=512,
-        max_position_embeddings=128,
-    )
+    return BertConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=512, max_position_embeddings=128)
 
 
 # ----------------------------------------------------------------------------- model
-
-
 class BertEmbeddings(nn.Module):
     config: BertConfig
 
@@ -111,15 +102,13 @@ class BertEmbeddings(nn.Module):
     def __call__(self, input_ids: jax.Array, deterministic: bool) -> jax.Array:
         """input_ids: [B, L] int32 -> [B, L, H] float32."""
         cfg, length = self.config, input_ids.shape[1]
-        init = nn.initializers.normal(0.02)  # BERT's initializer_range
-
-        def embed(n, name):
-            return nn.Embed(n, cfg.hidden_size, embedding_init=init, name=name)
-
-        x = embed(cfg.vocab_size, "word_embeddings")(input_ids)
-        x = x + embed(cfg.max_position_embeddings, "position_embeddings")(jnp.arange(length))[None]
-        # A single segment everywhere: token type 0, as Hugging Face does when token_type_ids is omitted.
-        x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(input_ids))
+        embed = functools.partial(nn.Embed, features=cfg.hidden_size,
+                                  embedding_init=nn.initializers.normal(0.02))  # BERT's init
+        x = embed(cfg.vocab_size, name="word_embeddings")(input_ids)
+        pos = embed(cfg.max_position_embeddings, name="position_embeddings")(jnp.arange(length))
+        x = x + pos[None]
+        # One segment: token type 0, as Hugging Face does when token_type_ids is omitted.
+        x = x + embed(cfg.type_vocab_size, name="token_type_embeddings")(jnp.zeros_like(input_ids))
         x = nn.LayerNorm(cfg.layer_norm_eps, name="LayerNorm")(x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
@@ -135,55 +124,43 @@ class BertLayer(nn.Module):
         b, length, h = x.shape
         heads, head_dim = cfg.num_attention_heads, h // cfg.num_attention_heads
 
-        def dense(features, name):
-            init = nn.initializers.normal(0.02)
-            return nn.Dense(features, dtype=self.dtype, kernel_init=init, name=name)
-
-        def layer_norm(y, name):
-            return nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.float32, name=name)(y)
+        dense = functools.partial(nn.Dense, dtype=self.dtype,
+                                  kernel_init=nn.initializers.normal(0.02))
+        layer_norm = functools.partial(nn.LayerNorm, cfg.layer_norm_eps, dtype=jnp.float32)
 
         def dropout(y):
             return nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
 
-        q, k, v = (dense(h, n)(x).reshape(b, length, heads, head_dim) for n in ("query", "key", "value"))
+        q, k, v = (dense(h, name=n)(x).reshape(b, length, heads, head_dim)
+                   for n in ("query", "key", "value"))
         logits = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        # Padded keys get the most negative float instead of an additive bias, so no overflow to -inf
-        # and their weight is exactly 0: real tokens never see what the padding contains.
+        # The most negative float, not an additive bias: a padded key's weight is exactly 0.
         logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)  # [B, heads, L, L]
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(self.dtype), v).reshape(b, length, h)
-        x = layer_norm(x + dropout(dense(h, "attention_output")(context)), "attention_norm")
-
-        ffn = jax.nn.gelu(dense(cfg.intermediate_size, "intermediate")(x), approximate=False)
-        return layer_norm(x + dropout(dense(h, "output")(ffn)), "output_norm")
-
-
-def _check_tokens(input_ids: jax.Array, attention_mask: jax.Array, max_length: int) -> None:
-    chex.assert_rank(input_ids, 2)
-    chex.assert_equal_shape([input_ids, attention_mask])
-    chex.assert_type([input_ids, attention_mask], int)
-    if input_ids.shape[1] > max_length:
-        raise ValueError(
-            f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings {max_length}"
-        )
+        attended = dense(h, name="attention_output")(context)
+        x = layer_norm(name="attention_norm")(x + dropout(attended))
+        ffn = jax.nn.gelu(dense(cfg.intermediate_size, name="intermediate")(x), approximate=False)
+        return layer_norm(name="output_norm")(x + dropout(dense(h, name="output")(ffn)))
 
 
 class BertEncoder(nn.Module):
     """BERT encoder; ``dtype`` is the matmul compute dtype, parameters stay float32."""
-
     config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True
-    ) -> jax.Array:
-        """input_ids, attention_mask: [B, L] int32 -> last hidden state [B, L, H] float32.
-
-        ``deterministic=False`` applies dropout and needs a ``"dropout"`` PRNG key in ``apply``.
-        """
-        _check_tokens(input_ids, attention_mask, self.config.max_position_embeddings)
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 deterministic: bool = True) -> jax.Array:
+        """input_ids, attention_mask: [B, L] int32 -> last hidden state [B, L, H] float32;
+        ``deterministic=False`` applies dropout (a ``"dropout"`` PRNG key in ``apply``)."""
+        chex.assert_rank(input_ids, 2)
+        chex.assert_equal_shape([input_ids, attention_mask])
+        chex.assert_type([input_ids, attention_mask], int)
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
         x = BertEmbeddings(self.config, name="embeddings")(input_ids, deterministic)
         mask = attention_mask > 0
         for i in range(self.config.num_hidden_layers):
@@ -193,22 +170,19 @@ class BertEncoder(nn.Module):
 
 class TextTower(nn.Module):
     """BERT encoder + pooling + linear projection to the joint space (not normalised)."""
-
     config: BertConfig
     embed_dim: int
     pooling: str = "cls"  # "cls": the [CLS] token's state; "mean": mean over real (unpadded) tokens
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True
-    ) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 deterministic: bool = True) -> jax.Array:
         """input_ids, attention_mask: [B, L] int32 -> embeddings [B, embed_dim] float32."""
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"unknown pooling {self.pooling!r} (expected 'cls' or 'mean')")
         hidden = BertEncoder(self.config, self.dtype, name="encoder")(
-            input_ids, attention_mask, deterministic
-        )  # [B, L, H]
+            input_ids, attention_mask, deterministic)  # [B, L, H]
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
@@ -218,44 +192,121 @@ class TextTower(nn.Module):
         return proj(pooled).astype(jnp.float32)
 
 
+# ----------------------------------------------------------------------------- tokenisers
+def train_wordpiece_tokenizer(texts: Sequence[str],
+                              vocab_size: int = 2000) -> transformers.PreTrainedTokenizerFast:
+    """A lower-casing BERT WordPiece tokenizer (``[CLS] ... [SEP]``) learnt from ``texts``: the
+    special tokens ([PAD] = 0), every character alone and as ``##`` continuation (no word falls
+    to [UNK]), then words by descending count, ties alphabetical (the tokenizers library's
+    trainer breaks them in hash order), up to ``vocab_size``; size the model with ``len()``."""
+    import transformers  # here, not at the top: slow to import, and only tokenizers need it
+
+    texts = _as_text_list(texts)
+    normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    counts = collections.Counter(
+        word for text in texts
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(vocab)} special and "
+                         "character tokens this corpus needs")
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[:vocab_size - len(vocab)]
+
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _as_text_list(texts: Sequence[str]) -> list[str]:
+    # A bare string is a Sequence[str] too, and would silently become one text per character.
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a sequence of strings, got a single string")
+    texts = [t.item() if isinstance(t, np.generic) else t for t in texts]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+    return texts
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str],
+             max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenises with [CLS] ... [SEP], padded and cut to ``max_length``: input_ids,
+    attention_mask [B, max_length] int32 (1 = real token).  ValueError names an empty text's index.
+    """
+    texts = _as_text_list(texts)
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ValueError(f"texts[{i}] is empty")
+    if not texts:
+        raise ValueError("texts is empty")
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def prompt_tokens(tokenizer: Any, prompts: Sequence[str],
+                  max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`tokenize` padded only to the longest prompt (at most ``max_length``): [P, L'] twice.
+    Padding is masked out of attention and pooling: the same embeddings for less work."""
+    ids, mask = tokenize(tokenizer, prompts, max_length)
+    length = int(mask.sum(axis=1).max())
+    return ids[:, :length], mask[:, :length]
+
+
 # ----------------------------------------------------------------------------- checkpoints
+def require_files(path: str | os.PathLike, names: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE),
+                  kind: str = "BERT") -> str:
+    """``path`` as a string; FileNotFoundError naming the ``kind`` checkpoint directory or the
+    first of ``names`` missing in it."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{kind} checkpoint directory not found: {path}")
+    for name in names:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{kind} checkpoint {path} has no {name}")
+    return path
 
 
-def _hf_names(config: BertConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
-    """Our parameter path -> (Hugging Face tensor name, transpose?)."""
-    names = {}
-    for part in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        names[("embeddings", part, "embedding")] = (f"embeddings.{part}.weight", False)
-    names[("embeddings", "LayerNorm", "scale")] = ("embeddings.LayerNorm.weight", False)
-    names[("embeddings", "LayerNorm", "bias")] = ("embeddings.LayerNorm.bias", False)
-    modules = {
-        "query": "attention.self.query",
-        "key": "attention.self.key",
-        "value": "attention.self.value",
-        "attention_output": "attention.output.dense",
-        "attention_norm": "attention.output.LayerNorm",
-        "intermediate": "intermediate.dense",
-        "output": "output.dense",
-        "output_norm": "output.LayerNorm",
-    }
-    for i in range(config.num_hidden_layers):
-        for ours, theirs in modules.items():
-            prefix = f"encoder.layer.{i}.{theirs}"
-            if ours.endswith("norm"):
-                names[(f"layer_{i}", ours, "scale")] = (f"{prefix}.weight", False)
-            else:  # torch Linear stores weight as [out, in]; Flax Dense kernel is [in, out]
-                names[(f"layer_{i}", ours, "kernel")] = (f"{prefix}.weight", True)
-            names[(f"layer_{i}", ours, "bias")] = (f"{prefix}.bias", False)
-    return names
+# The modules of our `BertLayer` -> Hugging Face's, under ``encoder.layer.<i>``.
+_LAYER_MODULES = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention_output": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm",
+    "intermediate": "intermediate.dense",
+    "output": "output.dense",
+    "output_norm": "output.LayerNorm",
+}
+
+
+def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
+    """Our parameter path -> (Hugging Face tensor name, transpose? torch's Linear is [out, in])."""
+    module, part, leaf = path  # ("embeddings" | "layer_<i>", module, kernel | scale | ...)
+    if module == "embeddings":
+        prefix = f"embeddings.{part}"
+    else:
+        prefix = f"encoder.layer.{module.removeprefix('layer_')}.{_LAYER_MODULES[part]}"
+    return f"{prefix}.{'bias' if leaf == 'bias' else 'weight'}", leaf == "kernel"
 
 
 def _lookup(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
-    """Finds ``name`` under the optional ``bert.`` prefix and the old LayerNorm gamma/beta spelling."""
+    """``name``, also under the ``bert.`` prefix and the old LayerNorm gamma/beta spelling."""
     candidates = [name]
-    if name.endswith("LayerNorm.weight"):
-        candidates.append(name[: -len("weight")] + "gamma")
-    if name.endswith("LayerNorm.bias"):
-        candidates.append(name[: -len("bias")] + "beta")
+    for new, old in (("weight", "gamma"), ("bias", "beta")):
+        if name.endswith(f"LayerNorm.{new}"):
+            candidates.append(name[:-len(new)] + old)
     for candidate in candidates:
         for key in (candidate, "bert." + candidate):
             if key in tensors:
@@ -265,64 +316,38 @@ def _lookup(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 
 def load_bert_params(path: str | os.PathLike, config: BertConfig) -> dict:
-    """Loads ``<path>/model.safetensors`` (or ``path`` itself if it is the file) as BertEncoder params.
-
-    Returns the encoder's param tree (no ``"params"`` wrapper): it goes to ``params["encoder"]`` of a
-    ``TextTower``, or is applied directly as ``BertEncoder(config).apply({"params": tree}, ...)``.
-    The pooler and MLM heads of the checkpoint are ignored. Raises FileNotFoundError, KeyError for a
-    missing tensor and ValueError for a shape mismatch, each naming the file or tensor.
+    """``<path>/model.safetensors`` (or the file ``path``) as BertEncoder params (no ``"params"``
+    wrapper: a ``TextTower``'s ``params["encoder"]``; pooler and MLM heads ignored).  Raises
+    FileNotFoundError, KeyError (missing tensor) or ValueError (shape), naming file or tensor.
     """
-    path = os.fspath(path)
-    file = os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path
+    file = os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else os.fspath(path)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"BERT weights file not found: {file}")
     tensors = load_file(file)
     ids = jnp.zeros((1, 1), jnp.int32)
     expected = jax.eval_shape(BertEncoder(config).init, jax.random.key(0), ids, ids)["params"]
-    names = _hf_names(config)
-    flat = {}
-    for ours, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
-        key = tuple(k.key for k in ours)
-        name, transpose = names[key]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
+    out = []
+    for ours, leaf in leaves:
+        name, transpose = _hf_name(tuple(k.key for k in ours))
         tensor = _lookup(tensors, name)
-        want = tuple(reversed(leaf.shape)) if transpose else tuple(leaf.shape)  # in checkpoint layout
+        want = tuple(reversed(leaf.shape)) if transpose else tuple(leaf.shape)  # torch layout
         if tuple(tensor.shape) != want:
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {want}")
-        flat[key] = jnp.asarray((tensor.T if transpose else tensor).astype(np.float32))
-    return _unflatten(flat)
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return tree
+        out.append(jnp.asarray((tensor.T if transpose else tensor).astype(np.float32)))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def load_hf_bert(path: str | os.PathLike) -> tuple[Callable[..., jax.Array], dict, Any]:
-    """Loads a Hugging Face BERT checkpoint directory (config.json, model.safetensors, tokenizer files).
-
-    Returns ``(apply_fn, params, tokenizer)``; ``apply_fn(params, input_ids, attention_mask)`` is jitted
-    and returns the last hidden state [B, L, H] float32 (inference: no dropout).
-    """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"BERT checkpoint directory not found: {path}")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"BERT checkpoint {path} has no {name}")
-    import transformers  # imported here: it is slow to import and only tokenizers need it
+    """Loads a Hugging Face BERT directory (config.json, model.safetensors, tokenizer files):
+    ``(apply_fn, params, tokenizer)``, ``apply_fn(params, input_ids, attention_mask)`` jitted
+    -> the last hidden state [B, L, H] float32 (no dropout)."""
+    path = require_files(path)
+    import transformers  # here, not at the top: slow to import, and only tokenizers need it
 
     config = BertConfig.from_json(path)
     params = load_bert_params(path, config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = BertEncoder(config)
-
-    @jax.jit
-    def apply_fn(params, input_ids, attention_mask):
-        return model.apply({"params": params}, input_ids, attention_mask)
-
+    apply_fn = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
     return apply_fn, params, tokenizer

@@ -4,82 +4,43 @@
     report tokens [B, L]    -> text tower  -> L2-normalise -> text_emb  [B, D]
     class prompts [K, L]    -> text tower  -> L2-normalise -> class_emb [K, D]
 
-plus three learned scalars: the CLIP temperature (``logit_scale``, stored as its log) and the
-SigLIP-style scale and bias of the image-class sigmoid logits.  The class prompts ("a chest X-ray
-showing pleural effusion") go through the text tower at every step, so the class embeddings
-move with it; at inference they are a ready-made linear classifier over image embeddings.
-The losses live in `daug_jax.losses`; this file only computes embeddings.
+plus three learned scalars: the CLIP temperature (stored as its log) and the SigLIP-style scale
+and bias of the image-class logits (the losses live in `daug_jax.losses`).  The towers:
+``model.vision.kind`` "resnet" (`vision.VisionTower`) or "clip" (`clip.ClipVisionModel`), read
+per ``model.vision.channels`` (`vision.ChannelModes`); ``model.text.kind`` "bert"
+(`text.TextTower`) or "clip" (`clip.ClipTextModel`), from scratch or from ``path``.  CLIP
+towers keep the checkpoint's projection: ``model.embed_dim`` must be its ``projection_dim``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from daug_jax.models import backbones
-from daug_jax.models.text_tokenizer import prompt_tokens
+from daug_jax.models import clip, vision
+from daug_jax.models import text as text_lib
 
-NO_FINDING = "No Finding"
-FILLS = ("repeat", "heatmaps")  # how the image tower's extra channels are filled
-
-
-def class_prompts(class_names: Sequence[str], form: str = "single") -> list[str]:
-    """Class prompts for the text tower, in the row layout `losses.class_logits` expects.
-
-    form "single": C prompts, one per class, e.g. "a chest X-ray showing pleural effusion".
-    form "paired": 2C prompts, ``[absent_0 .. absent_{C-1}, present_0 .. present_{C-1}]``: the
-    "present" half is the single form, the "absent" half its healthy counterpart, e.g. "a chest
-    X-ray with no pleural effusion"; each class is scored by a softmax over its pair.
-    "No Finding" becomes "a chest X-ray with no findings": "showing no finding" would put a
-    negation inside a sentence that otherwise asserts presence.  Its "absent" prompt is "a chest
-    X-ray with abnormal findings": the pair must describe the two outcomes of the label, and
-    No Finding = 0 means some finding is present ("a chest X-ray with no no findings", the
-    mechanical negation, would be a double negative the text tower cannot be expected to read).
-    """
-    if form not in ("single", "paired"):
-        raise ValueError(f"unknown prompt form {form!r}; valid: single, paired")
-    present, absent = [], []
-    for name in class_names:
-        if not str(name).strip():
-            raise ValueError(f"class name at index {len(present)} is empty")
-        if name == NO_FINDING:
-            present.append("a chest X-ray with no findings")
-            absent.append("a chest X-ray with abnormal findings")
-        else:
-            present.append(f"a chest X-ray showing {name.lower()}")
-            absent.append(f"a chest X-ray with no {name.lower()}")
-    return present if form == "single" else absent + present
-
-
-def class_prompt_tokens(tokenizer: Any, class_names: Sequence[str],
-                        model_config: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The class prompts of ``model_config.prompts`` ("single" or "paired", `class_prompts`)
-    tokenised for the text tower, padded to the longest prompt and cut at
-    ``model_config.text.max_length`` (`text_tokenizer.prompt_tokens`): ids, mask [P, L'] int32.
-    Training, evaluation and the benchmark score classes with these same rows."""
-    prompts = class_prompts(list(class_names), model_config.get("prompts", "single"))
-    return prompt_tokens(tokenizer, prompts, int(model_config.text.max_length))
+# The switches of ``config.model`` (daug_jax.config checks configs against these):
+VISION_KINDS = ("resnet", "clip")  # model.vision.kind
+TEXT_KINDS = ("bert", "clip")      # model.text.kind
+FILLS = ("repeat", "heatmaps")     # model.vision.fill: what fills the image tower's extra channels
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-    """Rows to unit length; x: [N, D] -> [N, D] float32 (eps keeps the zero vector finite)."""
+    """Rows to unit length; x: [N, D] -> [N, D] float32 (eps keeps a zero row finite)."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
 
 
 class TwoTower(nn.Module):
-    """Image tower + text tower + temperature and class-logit scalars.
-
-    image_tower: ``(images [B, H, W, C], train) -> [B, D]`` (e.g. `vision.VisionTower`).
-    text_tower: ``(input_ids [B, L], attention_mask [B, L], deterministic) -> [B, D]``
-      (e.g. `text.TextTower`); dropout in training needs a "dropout" rng.
-    """
+    """Image tower ``(images [B, H, W, C], train) -> [B, D]`` + text tower ``(input_ids [B, L],
+    attention_mask [B, L], deterministic) -> [B, D]`` (training dropout needs a "dropout" rng)
+    + temperature and class-logit scalars."""
     image_tower: nn.Module
     text_tower: nn.Module
     logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
@@ -106,88 +67,123 @@ class TwoTower(nn.Module):
 
     def scalars(self) -> dict[str, jnp.ndarray]:
         """The three learned scalars, exponentiated where stored as logs (float32 [])."""
-        # The stored log is clamped after every update (`clamp_logit_scale`, as CLIP clamps its
-        # parameter); clipping the value as well caps a checkpoint or init above the cap.
+        # Also clipped on read (updates are clamped by `clamp_logit_scale`): an init above the cap.
         logit_scale = jnp.exp(jnp.minimum(self.log_logit_scale, math.log(self.max_logit_scale)))
         return {"logit_scale": logit_scale, "class_scale": jnp.exp(self.log_class_scale),
                 "class_bias": self.class_bias}
 
     def __call__(self, images: jnp.ndarray, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
                  class_ids: jnp.ndarray, class_mask: jnp.ndarray, train: bool = False) -> dict:
-        """images [B, H, W, C]; report tokens [B, L]; class-prompt tokens [K, L'] (int32).
-
-        Returns {"image_emb" [B, D], "text_emb" [B, D], "class_emb" [K, D] (unit rows, float32),
-        "logit_scale", "class_scale", "class_bias" (float32 scalars)}.
-        """
+        """images [B, H, W, C]; report tokens [B, L]; class-prompt tokens [K, L'] (int32) ->
+        {"image_emb" [B, D], "text_emb" [B, D], "class_emb" [K, D] (unit rows, float32),
+        "logit_scale", "class_scale", "class_bias" (float32 scalars)}."""
         chex.assert_equal_shape([input_ids, attention_mask])
         chex.assert_equal_shape([class_ids, class_mask])
         if images.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} reports "
                              "in the batch")
-        out = {"image_emb": self.encode_image(images, train),
-               "text_emb": self.encode_text(input_ids, attention_mask, train),
-               "class_emb": self.encode_text(class_ids, class_mask, train)}
-        return {**out, **self.scalars()}
+        return {"image_emb": self.encode_image(images, train),
+                "text_emb": self.encode_text(input_ids, attention_mask, train),
+                "class_emb": self.encode_text(class_ids, class_mask, train), **self.scalars()}
 
 
 def clamp_logit_scale(params: dict, max_logit_scale: float) -> dict:
-    """``params`` with the stored log CLIP temperature clamped to ``log(max_logit_scale)``.
-
-    Applied after each optimizer update, as CLIP clamps its parameter: a log left above the cap
-    and only clipped when read would get zero gradient there and never come back down.
-    """
+    """``params`` with the stored log CLIP temperature clamped to ``log(max_logit_scale)`` after
+    each update, as CLIP does: a log only clipped when read gets no gradient to come back down."""
     cap = math.log(max_logit_scale)
     return {**params, "log_logit_scale": jnp.minimum(params["log_logit_scale"], cap)}
 
 
-def assemble_images(image: np.ndarray, heatmaps: np.ndarray | None, in_channels: int,
-                    fill: str, channels: str = "stack") -> np.ndarray:
-    """The image tower's input [B, H, W, in_channels] float32: ``[x0, extra...]`` on the channel axis.
-
-    image: [B, H, W, 1] float in [0, 1]; heatmaps: [B, H, W, K] float in [0, 1] (fill "heatmaps",
-    with 1 + K == in_channels) or None (fill "repeat": the image fills every channel, the
-    baseline of the ablation with the same architecture).  Assembled on the host (NumPy): the
-    compiled train step then sees the same [B, H, W, in_channels] input whatever the fill, so
-    every variant of the ablation runs one program.  ``channels`` (``model.vision.channels``)
-    is how the image tower reads these channels (`backbones`: "stack", "replace" — ONE
-    heatmap, in_channels 2 — or "add"); the layout here is the same for all three.
-    """
-    if fill not in FILLS:
-        raise ValueError(f"unknown model.vision.fill {fill!r}; valid: {', '.join(FILLS)}")
-    backbones.check_channels(channels, in_channels)
-    image = np.asarray(image, np.float32)
-    if image.ndim != 4 or image.shape[-1] != 1:
-        raise ValueError(f"image batch must be [B, H, W, 1] (the X-ray alone; extra channels come "
-                         f"from model.vision.fill), got shape {tuple(image.shape)}")
-    if fill == "repeat":
-        return np.repeat(image, in_channels, axis=-1)
-    if heatmaps is None:
-        raise ValueError('model.vision.fill is "heatmaps" but the data has no "heatmaps" '
-                         "[N, H, W, K] (set data.heatmaps_dir)")
-    if 1 + heatmaps.shape[-1] != in_channels:
-        raise ValueError(f"model.vision.in_channels is {in_channels} (expected 1 image + "
-                         f"{in_channels - 1} heatmaps) but got 1 image + {heatmaps.shape[-1]} "
-                         f"heatmap channels = {1 + heatmaps.shape[-1]}")
-    if heatmaps.shape[:-1] != image.shape[:-1]:
-        raise ValueError(f"heatmaps {tuple(heatmaps.shape)} do not match images "
-                         f"{tuple(image.shape)} in [B, H, W]")
-    return np.concatenate([image, np.asarray(heatmaps, np.float32)], axis=-1)
+# ----------------------------------------------------------------------------- towers
+def _clip_path(config: Any, where: str) -> str:
+    if not config.path:
+        raise ValueError(f"{where}.kind is 'clip': set {where}.path to a local Hugging Face CLIP "
+                         "checkpoint directory")
+    return config.path
 
 
-def bert_config(text_config: Any, vocab_size: int) -> Any:
-    """``model.text``'s shape: the BERT in the checkpoint at ``path`` or of the from-scratch size
-    (`text.BertConfig`), or for ``kind`` "clip" the checkpoint's `clip.ClipTextConfig`."""
-    return backbones.text_shape(text_config, vocab_size)
+def _check_embed_dim(embed_dim: int, projection_dim: int, path: str) -> None:
+    if embed_dim != projection_dim:
+        raise ValueError(f"model.embed_dim is {embed_dim} but the CLIP checkpoint {path} projects "
+                         f"to {projection_dim}: set model.embed_dim={projection_dim}")
+
+
+def build_image_tower(config: Any, embed_dim: int) -> nn.Module:
+    """``model.vision``'s tower: ``(images [B, H, W, in_channels], train) -> [B, embed_dim]``
+    float32, not normalised."""
+    dtype, in_channels = jnp.dtype(config.dtype), int(config.in_channels)
+    if config.kind == "clip":
+        path = _clip_path(config, "model.vision")
+        shape = clip.ClipConfig.from_json(path)
+        _check_embed_dim(embed_dim, shape.projection_dim, path)
+        (mean, std), remat = clip.pixel_stats(path), bool(config.remat)
+
+        def make(c: int, name: str | None = None) -> nn.Module:  # channels come from the input
+            return clip.ClipVisionModel(shape.vision_config, mean, std, dtype, remat, name=name)
+    else:
+        resnet, norm = vision.resnet_config(config.preset, **dict(config.resnet or {})), config.norm
+
+        def make(c: int, name: str | None = None) -> nn.Module:
+            return vision.VisionTower(c, int(embed_dim), resnet, norm, dtype, name=name)
+    if config.channels == "stack":
+        return make(in_channels)
+    return vision.ChannelModes(make, in_channels, config.channels)
+
+
+def text_shape(config: Any, vocab_size: int) -> Any:
+    """``model.text``'s shape: a `text.BertConfig` (the checkpoint's at ``path``, or the
+    from-scratch size) or, for kind "clip", the checkpoint's `clip.ClipTextConfig`."""
+    if config.kind == "clip":
+        return clip.ClipConfig.from_json(_clip_path(config, "model.text")).text_config
+    if config.path:
+        return text_lib.BertConfig.from_json(config.path)
+    return text_lib.BertConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size, max_position_embeddings=config.max_length,
+        hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
+
+
+def build_text_tower(config: Any, shape: Any, embed_dim: int) -> nn.Module:
+    """The text tower of ``model.text`` with ``shape`` from `text_shape`:
+    ``(input_ids [B, L], attention_mask [B, L], deterministic) -> [B, embed_dim]`` float32."""
+    dtype = jnp.dtype(config.dtype)
+    if config.kind == "bert":
+        return text_lib.TextTower(shape, embed_dim, pooling=config.pooling, dtype=dtype)
+    _check_embed_dim(embed_dim, shape.projection_dim, config.path)
+    return clip.ClipTextModel(shape, int(config.max_length), dtype, bool(config.remat))
 
 
 def build_two_tower(model_config: Any, text_config: Any) -> TwoTower:
-    """`TwoTower` from ``config.model`` ({vision: {...}, text: {pooling, dtype, ...}, embed_dim,
-    optional logit_scale_init: the log of the initial CLIP temperature's inverse}).
-
-    text_config: the text tower's shape, e.g. ``bert_config(config.model.text, len(tokenizer))``.
-    """
+    """`TwoTower` from ``config.model``; text_config: `text_shape`'s for ``model.text``."""
     embed_dim = int(model_config["embed_dim"])
     return TwoTower(
-        image_tower=backbones.build_image_tower(model_config["vision"], embed_dim),
-        text_tower=backbones.build_text_tower(model_config["text"], text_config, embed_dim),
-        logit_scale_init=float(model_config.get("logit_scale_init", math.log(1 / 0.07))))
+        image_tower=build_image_tower(model_config["vision"], embed_dim),
+        text_tower=build_text_tower(model_config["text"], text_config, embed_dim),
+        logit_scale_init=float(model_config["logit_scale_init"]))
+
+
+def _fill_clip(tree: dict, tensors: dict, path: str) -> dict:
+    """Every CLIP vision subtree of ``tree`` ({"vision_model", "visual_projection"}) loaded."""
+    if "vision_model" in tree:
+        return clip.load_tree(tensors, tree, path)
+    return {k: _fill_clip(v, tensors, path) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def load_pretrained(params: dict, model_config: Any, model: Any) -> dict:
+    """``params`` of a `TwoTower` with its pretrained towers' weights (NumPy float32): the text
+    tower's (BERT encoder or whole CLIP tower) and every CLIP image tower's ("add" has two);
+    ``params`` itself when none is pretrained."""
+    vision_config, text = model_config["vision"], model_config["text"]
+    out = dict(params)
+    if text.path:
+        if text.kind == "clip":
+            out["text_tower"] = clip.load_tree(clip.read_tensors(text.path),
+                                               params["text_tower"], text.path)
+        else:
+            encoder = text_lib.load_bert_params(text.path, model.text_tower.config)
+            out["text_tower"] = {**params["text_tower"], "encoder": encoder}
+    if vision_config.kind == "clip":
+        path = _clip_path(vision_config, "model.vision")
+        out["image_tower"] = _fill_clip(params["image_tower"], clip.read_tensors(path), path)
+    return out if any(out[k] is not params[k] for k in out) else params
