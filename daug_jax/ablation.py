@@ -4,7 +4,7 @@
     summary = summarize(results, seeds)
 
 The two effects of each setting's 2x2 design are paired differences over seeds with a 95 %
-t-interval (`stats.paired_difference`): ``daug`` = DAug channels on minus off, ``hybrid`` =
+t-interval (`metrics.paired_difference`): ``daug`` = DAug channels on minus off, ``hybrid`` =
 hybrid loss minus the setting's single-term loss, each averaged over the other factor's levels.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from daug_jax import stats
+from daug_jax import metrics
 from daug_jax.evaluate import evaluate_towers
 from daug_jax.files import read_json, write_json
 from daug_jax.metrics import MAP_KS, RECALL_KS
@@ -88,14 +88,14 @@ def summarize(results: dict, seeds: Sequence[int]) -> dict:
     settings = sorted({name.split("/")[0] for name in results})
     out = {"seeds": [int(s) for s in seeds], "settings": {}}
     for setting in settings:
-        variants = {v: {key: stats.mean_std(_per_seed(results, setting, v, seeds, key))
+        variants = {v: {key: metrics.mean_std(_per_seed(results, setting, v, seeds, key))
                         for key in METRIC_KEYS} for v in VARIANTS}
         effects = {effect: {} for effect in EFFECTS}
         for effect, (on, off) in EFFECTS.items():
             for key in METRIC_KEYS:
                 a, b = ([_mean(*pair) for pair in zip(*(_per_seed(results, setting, v, seeds, key)
                                                          for v in side))] for side in (on, off))
-                d = stats.paired_difference(a, b)
+                d = metrics.paired_difference(a, b)
                 effects[effect][key] = {"mean": d["mean"], "ci95": d["ci95"]}
         out["settings"][setting] = {"variants": variants, "effects": effects}
     first = next(iter(results.values()))
@@ -114,7 +114,7 @@ def _interval(effect: dict) -> str:
         return "n/a"
     if effect["ci95"] is None:
         return f"{effect['mean']:+.3f}"
-    resolved = "" if stats.excludes_zero(effect) else " (unresolved)"
+    resolved = "" if metrics.excludes_zero(effect) else " (unresolved)"
     return f"{effect['mean']:+.3f} [{effect['ci95'][0]:+.3f}, {effect['ci95'][1]:+.3f}]{resolved}"
 
 

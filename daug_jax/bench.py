@@ -9,8 +9,8 @@ Measures, in one run on the default device(s):
   * the epsilon-UNet, classifier and two-tower train steps, compiled as training compiles them
     (`compile_step`): XLA's FLOPs of the step / median wall time, the ratio to the matmul rate,
     and images/s;
-  * the heatmap program (guided DDIM translation) compiled as one program vs dispatched from a
-    Python loop, in images x target classes per second;
+  * the heatmap program (guided DDIM translation, the heatmap job's), in images x target classes
+    per second and FLOP/s;
   * the input pipeline: two-tower steps fed by the streaming pipeline from a TFDS split vs from
     arrays already in memory (steps/s and their ratio);
   * peak host RSS, device memory where the backend reports it, device kind and count, JAX version;
@@ -45,13 +45,10 @@ from daug_jax import train as towers_train
 from daug_jax.config import load_config, read_config
 from daug_jax.data import pipeline, registry, synthetic
 from daug_jax.data.pipeline import ArraySource
-from daug_jax.diffusion import sampling
 from daug_jax.diffusion import train as dtrain
-from daug_jax.diffusion.sampling import Guidance
-from daug_jax.diffusion.schedule import ddim_step, to_model_space
+from daug_jax.diffusion.schedule import to_model_space
 from daug_jax.files import write_json
-from daug_jax.heatmaps import (blur_matrix, check_images, init_models, make_heatmap_fn,
-                               make_translation, raw_heatmap)
+from daug_jax.heatmaps import blur_matrix, init_models, make_heatmap_fn, make_translation
 from daug_jax.losses import labels_and_mask
 from daug_jax.models.two_tower import build_two_tower, text_shape
 
@@ -121,42 +118,11 @@ def bench_step(step_fn: Callable, init_state: Callable, source: ArraySource, bat
     return out
 
 
-@jax.jit
-def _eps_call(eps_fn, x, t):
-    return eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
-
-
-_guided_eps_call = jax.jit(sampling.guided_eps)
-
-
-def python_dispatched(heatmap_fn: Any, x: Any) -> tuple[jax.Array, jax.Array]:
-    """The baseline the compiled heatmap program is timed against: its outputs, but each network
-    evaluation its own jitted call and the loops over DDIM steps and targets run in Python."""
-    f, t = heatmap_fn, heatmap_fn.translation
-    eps_fn, logit_fn = f.models.eps_fn, f.models.logit_fn
-    levels, ab = sampling.grid_levels(t.alpha_bar, t.grid)
-    x0 = x_L = jnp.asarray(check_images(x, f.models.image_shape))
-    for k in range(len(levels) - 1):
-        x_L = ddim_step(x_L, _eps_call(eps_fn, x_L, levels[k]), ab[k], ab[k + 1])
-
-    def descend(guidance=None):  # None: unguided, the reconstruction
-        x_t = x_L
-        for k in range(len(levels) - 1, 0, -1):
-            eps = (_eps_call(eps_fn, x_t, levels[k]) if guidance is None else
-                   _guided_eps_call(eps_fn, logit_fn, x_t, levels[k], ab[k], guidance))
-            x_t = ddim_step(x_t, eps, ab[k], ab[k - 1])
-        return x_t
-
-    translated = jnp.stack([descend(Guidance(g.index, g.direction, f.scale)) for g in f.targets])
-    base = x0 if t.reference == "x0" else descend()
-    return translated, jnp.stack([raw_heatmap(base, x_c, t.smooth_sigma) for x_c in translated],
-                                 axis=-1)
-
-
 def bench_heatmaps(config: Any, args: argparse.Namespace, peer: Callable[..., Any] | None = None
                    ) -> dict:
-    """The guided-translation program compiled whole vs `python_dispatched`, for fresh models of
-    the diffusion ``config`` and ``args.heatmap_batch`` films of ``args.size`` px.
+    """The guided-translation program (`heatmaps.make_heatmap_fn`, the heatmap job's) for fresh
+    models of the diffusion ``config`` and ``args.heatmap_batch`` films of ``args.size`` px:
+    images x targets per second and FLOP/s.
 
     FLOPs: ``xla_flops`` (a rolled loop's body may be counted once) and ``matmul_flops`` (loops
     counted per trip).  peer: ``peer(x, num_classes, index, direction, grid, scale, blur)``
@@ -166,7 +132,8 @@ def bench_heatmaps(config: Any, args: argparse.Namespace, peer: Callable[..., An
     models = init_models(config, (size, size, 1), synthetic.CLASS_NAMES, jax.random.key(0))
     smooth = 1.0
     settings = dict(level=args.level, num_steps=args.ddim_steps, smooth_sigma=smooth,
-                    reference="x0", unroll=args.unroll or True)  # 0: fully unrolled
+                    reference="x0", unroll=args.unroll or True,  # 0: fully unrolled
+                    guidance="sigmoid")
     f = make_heatmap_fn(models, args.targets, make_translation(models, settings), args.scale)
     x = to_model_space(np.random.default_rng(0).uniform(size=(batch, size, size, 1)))
     inputs = (models.eps_fn, models.logit_fn, x)
@@ -175,23 +142,18 @@ def bench_heatmaps(config: Any, args: argparse.Namespace, peer: Callable[..., An
     flops = {"xla_flops": xla_flops(compiled), "matmul_flops": matmul_flops(f.program, *inputs)}
     out = {"batch": batch, "image_size": size, "targets": len(f.targets), "level": args.level,
            "ddim_steps_each_way": args.ddim_steps, "compile_s": compile_s, **flops}
-    calls = {"compiled": lambda: compiled(*inputs),
-             "python_loop": lambda: python_dispatched(f, x)}
-    for name, call in calls.items():
-        first = timed(call)[1]  # the loop compiles each network call here
-        median, times = median_time(call, args.repeats, warmup=0)
-        out[name] = {"first_call_s": first, "median_s": median, "times_s": times,
-                     "images_classes_per_s": work / median}
-    median = out["compiled"]["median_s"]
-    out["speedup"] = out["python_loop"]["median_s"] / median
-    out["compiled"].update({k.replace("flops", "flops_per_s"): v / median
-                            for k, v in flops.items()})
+    call = lambda: compiled(*inputs)  # noqa: E731
+    first = timed(call)[1]
+    median, times = median_time(call, args.repeats, warmup=0)
+    out["compiled"] = {"first_call_s": first, "median_s": median, "times_s": times,
+                       "images_classes_per_s": work / median,
+                       **{k.replace("flops", "flops_per_s"): v / median for k, v in flops.items()}}
     if peer is not None:
         step = peer(x, len(models.class_names), [t.index for t in f.targets],
                     [t.direction for t in f.targets], f.translation.grid, f.scale,
                     blur_matrix(size, smooth))
         out["peer"] = bench_peer.compare(
-            calls["compiled"], step, jax_flops=flops["matmul_flops"],
+            call, step, jax_flops=flops["matmul_flops"],
             jax_params=bench_peer.param_count((models.eps_fn, models.logit_fn)),
             repeats=args.repeats)
     return out
@@ -423,11 +385,9 @@ def report(result: dict) -> str:
                          f"GFLOP/step/device)")
     if "heatmaps" in result:
         h = result["heatmaps"]
-        lines += [f"  heatmaps {name:<15} {h[name]['images_classes_per_s']:9.2f} images*classes/s"
-                  for name in ("compiled", "python_loop")]
         c = h["compiled"]
         ratio = f", {c['ratio_to_matmul']:.2f} x matmul" if "ratio_to_matmul" in c else ""
-        lines.append(f"  heatmaps compiled / python loop: {h['speedup']:.2f}x; compiled "
+        lines.append(f"  heatmap translation      {c['images_classes_per_s']:9.2f} images*classes/s; "
                      f"{_rate(c['xla_flops_per_s']).strip()}{ratio}")
     if "input" in result:
         i = result["input"]
@@ -566,10 +526,8 @@ def main(command: str, argv: list[str]) -> int:
         argv = ["--parts", "heatmaps", *argv]
     parser = _parser(command)
     args = parser.parse_args(argv)
-    if args.profile == "cpu" and args.tiny:
-        parser.error("--tiny shrinks the gpu profile; the cpu profile's smoke run is --quick")
-    if args.profile == "gpu" and args.quick:
-        parser.error("--quick shrinks the cpu profile; the gpu profile's smoke run is --tiny")
+    if (args.profile == "cpu" and args.tiny) or (args.profile == "gpu" and args.quick):
+        parser.error("--quick shrinks the cpu profile, --tiny the gpu profile (smoke runs)")
     suffix = "-quick" if args.quick else "-tiny" if args.tiny else ""
     profile = read_config(f"bench:{args.profile}{suffix}")  # experiments/bench.py
     for key, value in profile.settings.items():

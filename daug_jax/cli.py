@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("daug_jax.demo", "Run DAug end to end on the synthetic benchmark (both ablation settings, 3 seeds)."),
     "heatmaps": ("daug_jax.heatmap_job", "Write the DAug heatmap channels of a dataset (guided DDIM translation)."),
     "bench": ("daug_jax.bench", "Measure achieved FLOP/s of the train steps against a dense matmul, images/s, memory."),
-    "bench heatmaps": ("daug_jax.bench", "Time the compiled heatmap program against a Python-dispatched loop."),
+    "bench heatmaps": ("daug_jax.bench", "Time the compiled heatmap program (images x targets per second, FLOP/s)."),
     "train": ("daug_jax.train", "Train the image and text towers with the hybrid contrastive loss."),
     "evaluate": ("daug_jax.evaluate", "Retrieval and classification metrics of trained towers on a dataset split."),
     "localize": ("daug_jax.localization", "Pointing game of the heatmaps on films with lesion masks, with a guidance sweep."),

@@ -87,7 +87,7 @@ _RULES = {
     **{k: (lambda v: _number(v) and v >= 0, "a number >= 0") for k in (
         "weight_decay", "scale", "smooth_sigma")},
     **{k: (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]") for k in (
-        "clip_weight", "dropout", "ema_decay")},
+        "clip_weight", "dropout", "ema_decay", "label_dropout")},
     "percentile": (lambda v: _number(v) and 0 < v <= 100, "a number in (0, 100]"),
     "sweep_scales": (lambda v: all(_number(s) and s >= 0 for s in v), "numbers >= 0"),
     "sweep_levels": (lambda v: len(v) > 0 and all(_count(s) for s in v), "integers >= 0"),
@@ -97,7 +97,7 @@ _RULES = {
     # `_validate_switches`, against the tuples their modules define.
     "path": (lambda v: isinstance(v, str), "a directory path ('' for none)"),
     **{k: (lambda v: isinstance(v, bool), "True or False") for k in (
-        "remat", "learn_logit_scale")},
+        "remat", "learn_logit_scale", "class_cond")},
     "logit_scale_init": (_number, "a finite number (the log of the initial CLIP logit scale)"),
 }
 
@@ -140,12 +140,13 @@ def _validate_switches(config: ml_collections.ConfigDict) -> None:
     # Imported here, not at the top: `daug-jax data prepare` imports this module, and does not
     # pay for importing the towers.
     from daug_jax import losses
+    from daug_jax.diffusion import sampling  # lazy for the reason above
     from daug_jax.models import two_tower, vision  # the towers: lazy for the reason above
 
     switches = {"vision.kind": two_tower.VISION_KINDS, "text.kind": two_tower.TEXT_KINDS,
                 "vision.channels": vision.CHANNELS, "vision.fill": two_tower.FILLS,
                 "model.prompts": losses.PROMPT_FORMS, "label_policy": losses.LABEL_POLICIES,
-                "heatmaps.reference": REFERENCES}
+                "heatmaps.reference": REFERENCES, "heatmaps.guidance": sampling.GUIDANCE_FORMS}
     for path, _, value in _leaves(config):
         for suffix, valid in switches.items():  # a switch's key is the end of a value's path
             if f".{path}".endswith(f".{suffix}") and value is not None and value not in valid:

@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from daug_jax import ablation, figures, localization, stats
+from daug_jax import ablation, figures, localization, metrics
 from daug_jax.config import load_config, read_config, validate
 from daug_jax.data import builders, synthetic
 from daug_jax.data.pipeline import ArraySource
@@ -73,14 +73,15 @@ def _models(out: str):
 
 def make_heatmaps(config: Any, out: str, splits: dict[str, dict], level: int,
                   scale: float) -> dict[str, Any]:
-    """Writes (or reuses) the heatmap dataset of the train and test splits at encode ``level``
-    and guidance ``scale`` (chosen on validation); returns {split: HeatmapSource}."""
+    """Writes (or reuses) the heatmap dataset of the train split and of ``config.eval_split``
+    at encode ``level`` and guidance ``scale`` (chosen on validation); returns {split:
+    HeatmapSource}."""
     h = config.heatmaps
     directory = os.path.join(out, "heatmaps")
     models = _models(out)
     heatmap_fn = make_heatmap_fn(models, h.targets, make_translation(models, h, level), scale)
     films = {split: ArraySource({k: splits[split][k] for k in ("id", "image")})
-             for split in ("train", "test")}
+             for split in ("train", config.eval_split)}
     calibration = calibrate(heatmap_fn, films["train"], directory,
                             num_images=h.calibration.num_images,
                             percentile=h.calibration.percentile, batch_size=h.batch_size)
@@ -120,9 +121,11 @@ def localize(config: Any, out: str, films: dict, *, levels: list[int], scales: l
 
 
 # The control each mode has to beat for its localization to be the guidance's: the unguided map
-# (the DDIM inversion error alone) everywhere, and for site mode also the guidance towards another
-# class (large sites such as the lung fields are hit by any change inside them).
-CONTROLS = {"anomaly": ("unguided",), "channel": ("unguided",), "site": ("unguided", "swapped")}
+# (the DDIM inversion error alone) everywhere, for site mode also the guidance towards another
+# class (large sites such as the lung fields are hit by any change inside them), and with a
+# class-conditional UNet the decode conditioned on the mode's side without guidance.
+CONTROLS = {"anomaly": ("unguided", "conditioned"), "channel": ("unguided", "conditioned"),
+            "site": ("unguided", "swapped", "conditioned")}
 
 
 def margin_over_controls(result: dict) -> float:
@@ -137,10 +140,17 @@ def select_guidance(config: Any, out: str, validation: dict) -> dict:
     """The encode level and guidance scale whose heatmaps beat their controls by the widest
     mean margin (`margin_over_controls`) on the validation films (the test films are not looked
     at); returns {"level", "scale", "criterion", "margin", "mean_pointing_game",
-    "classifier_auroc", "sweep": {"L<level>/s<scale>": {mode: result}}}."""
+    "classifier_auroc", "sweep": {"L<level>/s<scale>": {mode: result}}}.  A sweep of one level
+    and one scale has nothing to choose: it is returned without its localization."""
     loc = config.heatmaps.localization
     levels = sorted({int(v) for v in loc.sweep_levels})
     scales = sorted({float(s) for s in loc.sweep_scales})
+    # Where the guidance can act: the classifier's AUROC on noised validation films.
+    strength = classifier_auroc(_models(out), to_model_space(validation["image"]),
+                                validation["labels"], synthetic.CLASS_NAMES, levels=(0, *levels))
+    if len(levels) == len(scales) == 1:
+        return {"level": levels[0], "scale": scales[0], "classifier_auroc": strength,
+                "criterion": "the config's only encode level and guidance scale"}
     sweep = localize(config, out, validation, levels=levels, scales=scales,
                      per_class=int(loc.validation_cases_per_class),
                      swapped_modes=tuple(m for m, c in CONTROLS.items() if "swapped" in c))
@@ -149,30 +159,29 @@ def select_guidance(config: Any, out: str, validation: dict) -> dict:
     # Ties: the weaker guidance, then the lower level (less to undo).
     grid = [(level, s) for level in levels for s in scales]
     level, scale = max(grid, key=lambda g: (margin[setting_name(*g)], -g[1], -g[0]))
-    # Where the guidance can act: the classifier's AUROC on noised validation films.
-    strength = classifier_auroc(_models(out), to_model_space(validation["image"]),
-                                validation["labels"], synthetic.CLASS_NAMES, levels=(0, *levels))
     return {"level": level, "scale": scale,
             "criterion": "mean over modes of the pointing game minus its strongest control "
-                         "(unguided; site mode also class-swapped), validation split",
+                         "(unguided; site mode also class-swapped; conditioned, for a "
+                         "class-conditional UNet), validation split",
             "margin": margin, "mean_pointing_game": mean, "classifier_auroc": strength,
             "sweep": sweep}
 
 
 def run_towers(config: Any, out: str, splits: dict[str, dict],
                heatmaps: dict[str, Any]) -> tuple[dict, dict]:
-    """Both ablation settings x seeds as one population; returns (summary, histories)."""
+    """The ablation's settings x seeds as one population, queries from ``config.eval_split``;
+    returns (summary, histories)."""
     towers = ml_collections.ConfigDict(config.towers.to_dict())
     towers.data.image_size = int(config.data.image_size)
     towers.model.vision.in_channels = 1 + len(config.heatmaps.targets.split(","))
     validate(towers)
-    train, test = (ArraySource({k: splits[split][k] for k in ("image", "labels", "report", "id")})
-                   for split in ("train", "test"))
+    train, query = (ArraySource({k: splits[s][k] for k in ("image", "labels", "report", "id")})
+                    for s in ("train", config.eval_split))
     results, histories = ablation.run_ablation(
         towers, ablation.members(config.ablation, config.seeds),
-        {"train": train, "query": test, "gallery": train}, os.path.join(out, "towers"),
+        {"train": train, "query": query, "gallery": train}, os.path.join(out, "towers"),
         class_names=synthetic.CLASS_NAMES,
-        heatmaps={"train": heatmaps["train"], "query": heatmaps["test"],
+        heatmaps={"train": heatmaps["train"], "query": heatmaps[config.eval_split],
                   "gallery": heatmaps["train"]})
     return ablation.summarize(results, config.seeds), histories
 
@@ -193,7 +202,7 @@ def effect_sentences(summary: dict) -> list[str]:
                 e = body["effects"][effect][key]
                 if e["mean"] is None:
                     continue
-                verdict = ("raised" if e["mean"] > 0 else "lowered") if stats.excludes_zero(e) \
+                verdict = ("raised" if e["mean"] > 0 else "lowered") if metrics.excludes_zero(e) \
                     else "left unresolved"
                 ci = "" if e["ci95"] is None else f" [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
                 parts.append(f"{verdict} {key} ({e['mean']:+.3f}{ci})")
@@ -203,7 +212,8 @@ def effect_sentences(summary: dict) -> list[str]:
 
 def _localization_lines(result: dict) -> list[str]:
     lines = ["| mode | pointing game | chance | unguided (guided − it, 95 % CI) | "
-             "swapped class (guided − it, 95 % CI) | n |", "|" + " --- |" * 6]
+             "swapped class (guided − it, 95 % CI) | conditioned, scale 0 (guided − it) | n |",
+             "|" + " --- |" * 7]
 
     def control(r):
         if not r:
@@ -216,7 +226,8 @@ def _localization_lines(result: dict) -> list[str]:
         if r.get("pointing_game") is None:
             continue
         lines.append(f"| {mode} | {r['pointing_game']:.3f} | {r['chance']:.3f} | "
-                     f"{control(r.get('unguided'))} | {control(r.get('swapped'))} | {r['n']} |")
+                     f"{control(r.get('unguided'))} | {control(r.get('swapped'))} | "
+                     f"{control(r.get('conditioned'))} | {r['n']} |")
     return lines
 
 
@@ -235,13 +246,14 @@ def write_report(out: str, config: Any, summary: dict, loc: dict, selection: dic
     lines = ["# DAug demo results", "",
              f"Synthetic benchmark, {d.image_size} px; {d.num_train} training films (the towers' "
              f"training set and the retrieval gallery), {d.num_validation} validation films (the "
-             f"encode level {selection['level']} and guidance scale {selection['scale']:g}, chosen "
-             f"there), {d.num_test} test films "
-             f"(every figure below); seeds {list(summary['seeds'])}: mean ± sample std over "
+             f"encode level {selection['level']} and guidance scale {selection['scale']:g}, "
+             f"{'chosen there' if 'sweep' in selection else 'fixed by the config'}), "
+             f"{d.num_test} test films; every figure below on the "
+             f"{config.eval_split} films; seeds {list(summary['seeds'])}: mean ± sample std over "
              "seeds, effects as paired differences over seeds with a 95 % t-interval.", "",
              ablation.markdown_tables(summary, TABLE_KEYS), *effect_sentences(summary), "",
-             f"## Localization (pointing game, test films, level {selection['level']}, guidance "
-             f"scale {selection['scale']:g})",
+             f"## Localization (pointing game, {config.eval_split} films, level "
+             f"{selection['level']}, guidance scale {selection['scale']:g})",
              "", *_localization_lines(loc), "", "## Time per stage (s)", "",
              "| " + " | ".join(timing) + " |", "|" + " --- |" * len(timing),
              "| " + " | ".join(f"{v:.0f}" for v in timing.values()) + " |"]
@@ -261,8 +273,9 @@ def run_demo(config: Any) -> dict:
     dcfg.data.update(image_size=int(config.data.image_size), num_train=int(config.data.num_train),
                      seed=int(config.data.seed))
     with timer.stage("diffusion"):
-        diffusion_train.train_diffusion(dcfg, ArraySource({"image": train["image"]}),
-                                        os.path.join(out, "diffusion"))
+        films = ArraySource({k: train[k] for k in ("image", "labels")})
+        diffusion_train.train_diffusion(dcfg, films, os.path.join(out, "diffusion"),
+                                        class_names=synthetic.CLASS_NAMES)
     with timer.stage("classifier"):
         diffusion_train.train_classifier(
             dcfg, ArraySource({"image": train["image"], "labels": train["labels"]}),
@@ -276,16 +289,17 @@ def run_demo(config: Any) -> dict:
         heatmaps = make_heatmaps(config, out, splits, level, scale)
     with timer.stage("localization"):
         loc = _cached(os.path.join(out, "localization.json"), lambda: localize(
-            config, out, splits["test"], levels=[level], scales=[scale],
+            config, out, splits[config.eval_split], levels=[level], scales=[scale],
             per_class=int(config.heatmaps.localization.cases_per_class),
             figure=os.path.join(out, "heatmaps.png"))[setting_name(level, scale)])
     with timer.stage("towers"):
         summary, histories = run_towers(config, out, splits, heatmaps)
     with timer.stage("report"):
         figures.retrieval_example(os.path.join(out, "retrieval_example.png"),
-                                  os.path.join(out, "towers"), splits["test"],
-                                  heatmaps=heatmaps["test"],
-                                  member=f"retrieval/daug_hybrid/seed{config.seeds[0]}")
+                                  os.path.join(out, "towers"), splits[config.eval_split],
+                                  heatmaps=heatmaps[config.eval_split],
+                                  member=f"{list(config.ablation)[-1]}/daug_hybrid/"
+                                         f"seed{config.seeds[0]}")
         payload = write_report(out, config, summary, loc, selection, timer.seconds, histories)
     payload["timing_s"] = timer.seconds
     write_json(os.path.join(out, "results.json"), payload)
@@ -299,23 +313,31 @@ def _cached(path: str, compute) -> Any:
     return read_json(path)
 
 
+def _read(argv: list[str]) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    """The command's arguments and its config, not validated (read before JAX starts)."""
+    args, _ = _parser("demo").parse_known_args(argv)
+    config = read_config(args.config + (":quick" if args.quick else ""), args.set)
+    config.out = args.out or config.out
+    return args, config
+
+
 def compilation_cache_dir(argv: list[str]) -> str:
     """Where the CLI keeps this command's compiled programs: ``<out>/xla_cache``, so that a
     resumed demo compiles nothing it compiled before (much of the demo's time on 2 CPU cores)."""
-    args, _ = _parser("demo").parse_known_args(argv)
-    return os.path.join(args.out or ("runs/quick" if args.quick else "runs/demo"), "xla_cache")
+    return os.path.join(_read(argv)[1].out, "xla_cache")
 
 
 def cpu_devices(argv: list[str]) -> int:
     """How many devices the CLI splits a CPU into for this command: ``cpu_devices`` of the
     config (with ``--set`` applied; `cli._set_up_process`)."""
-    args, _ = _parser("demo").parse_known_args(argv)
-    return int(read_config("demo:quick" if args.quick else "demo", args.set).cpu_devices)
+    return int(_read(argv)[1].cpu_devices)
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
                                      description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo",
+                        help="experiments/<name>.py shaped as experiments/demo.py (default demo)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test (< 60 s)")
     parser.add_argument("--out",
                         help="output directory (default runs/demo, runs/quick with --quick)")
@@ -326,10 +348,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 def main(command: str, argv: list[str]) -> int:
     args = _parser(command).parse_args(argv)
-    config = load_config("demo:quick" if args.quick else "demo", args.set)
+    config = load_config(args.config + (":quick" if args.quick else ""), args.set)
     validate(config.diffusion)
-    if args.out:
-        config.out = args.out
+    config.out = args.out or config.out
     start = time.perf_counter()
     run_demo(config)
     print(f"\ndemo: finished in {time.perf_counter() - start:.0f} s (this run); results in "

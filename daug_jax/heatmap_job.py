@@ -28,8 +28,8 @@ from daug_jax.config import load_config
 from daug_jax.data import pipeline, registry
 from daug_jax.diffusion.schedule import to_model_space
 from daug_jax.files import as_json, pause_for_test, read_json, write_json
-from daug_jax.heatmaps import (HeatmapFn, calibrate_scale, load_models, make_heatmap_fn,
-                               make_translation, scale_heatmaps)
+from daug_jax.heatmaps import (HeatmapFn, add_model_args, calibrate_scale, load_models,
+                               make_heatmap_fn, make_translation, scale_heatmaps)
 from daug_jax.lock import workdir_lock
 
 _METADATA = "metadata.json"
@@ -248,14 +248,9 @@ SHARES_COMPUTATION = False
 def main(command: str, argv: list[str]) -> int:
     """The heatmap datasets of ``--splits`` under ``--out``, this process's shards."""
     parser = argparse.ArgumentParser(prog="daug-jax heatmaps", description=__doc__.splitlines()[0])
-    parser.add_argument("--diffusion", default="runs/diffusion", help="diffusion workdir")
-    parser.add_argument("--classifier", default="runs/classifier", help="classifier workdir")
+    add_model_args(parser, out="runs/heatmaps")
     parser.add_argument("--targets", help='e.g. "Pleural Effusion,No Finding" (default: config)')
-    parser.add_argument("--out", default="runs/heatmaps")
-    parser.add_argument("--config", default="heatmaps", help="experiments/<name>.py or a .py path")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--splits", default="train,validation,test")
-    registry.add_data_args(parser)
     args = parser.parse_args(argv)
     process = job_process()
     with workdir_lock(args.out, what="heatmaps"):

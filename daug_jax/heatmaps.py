@@ -12,8 +12,12 @@ calibration batch): dividing each map by its own maximum would turn "the classif
 to change" into a full-contrast map of noise.  The encoder later reads ``[x0, channel_1, ...]``.
 
 Targets are written as a class name (towards presence, e.g. "Pleural Effusion"), ``no:<class>``
-(towards absence) or "No Finding", which guides towards ``sigmoid(logit_NoFinding)``, i.e. towards
-a healthy image: its heatmap is an anomaly map.
+(towards absence) or "No Finding", which guides towards the classifier's "No Finding", i.e.
+towards a healthy image: its heatmap is an anomaly map.  The guidance reads the target's logit
+through a sigmoid, as the classifier is trained, or the softmax over all logits, as the authors'
+code does (``heatmaps.guidance``); a class-conditional UNet (``unet.class_cond``) also decodes
+conditioned on the target's side, healthy (towards "No Finding" or a class's absence) or
+diseased, while the encode stays unconditioned.
 
 `Translation` is the one translation path (its DDIM pieces: `daug_jax.diffusion.sampling`): the
 heatmap job and the benchmark compile `Translation.heatmaps` with fixed targets (`make_heatmap_fn`),
@@ -33,19 +37,28 @@ import numpy as np
 from jax.tree_util import Partial
 
 from daug_jax import parallel
+from daug_jax.data import registry
+from daug_jax.data.registry import NO_FINDING
 from daug_jax.diffusion import sampling, train
 from daug_jax.diffusion.sampling import Guidance
 from daug_jax.diffusion.schedule import alphas_cumprod
+from daug_jax.diffusion.unet import DISEASED, HEALTHY
 
 
 # ----------------------------------------------------------------------------- targets
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One heatmap channel: ``spec`` as written, the guided class and the direction (+1 / -1)."""
+    """One heatmap channel: ``spec`` as written, the guided class, the direction (+1 / -1) and
+    the side a class-conditional UNet decodes on: healthy towards "No Finding" and towards a
+    class's absence, diseased towards a class."""
     spec: str
     class_name: str
     index: int
     direction: float
+
+    @property
+    def label(self) -> int:
+        return HEALTHY if self.class_name == NO_FINDING or self.direction < 0 else DISEASED
 
 
 def parse_targets(targets: str | Sequence[str], class_names: Sequence[str]) -> tuple[Target, ...]:
@@ -144,26 +157,37 @@ def check_images(x: Any, image_shape: Sequence[int] | None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- models
 def module_fn(module, params) -> Partial:
-    """``fn(x, t) = module.apply({"params": params}, x, t)`` as a pytree, so that jit takes the
-    parameters as arguments (not compiled constants)."""
-    return Partial(lambda p, x, t: module.apply({"params": p}, x, t), params)
-
-
-def as_partial(fn: Callable) -> Partial:
-    """A model closure as a pytree (a plain function becomes a leafless Partial)."""
-    return fn if isinstance(fn, Partial) else Partial(fn)
+    """``fn(*inputs) = module.apply({"params": params}, *inputs)`` as a pytree, so that jit takes
+    the parameters as arguments (not compiled constants)."""
+    return Partial(lambda p, *inputs: module.apply({"params": p}, *inputs), params)
 
 
 @dataclasses.dataclass(frozen=True)
 class TranslationModels:
     """The epsilon-UNet and noise-aware classifier as closures, with what they were trained on."""
-    eps_fn: Partial                 # (x [B, H, W, C], t [B]) -> eps [B, H, W, C]
+    eps_fn: Partial                 # (x [B, H, W, C], t [B], y [B] labels) -> eps [B, H, W, C]
     logit_fn: Partial               # (x, t) -> logits [B, K]
     alpha_bar: np.ndarray           # [T] float64
     image_shape: tuple[int, ...]    # (H, W, C)
     class_names: tuple[str, ...]    # orders the classifier's logits
     config: Any                     # the diffusion model's config
     max_level: int | None = None    # the classifier's highest trained level (None: untrained)
+
+    @property
+    def class_cond(self) -> bool:
+        """Whether the UNet is conditioned on the film's side (``unet.class_cond``)."""
+        return self.config is not None and bool(self.config.unet.class_cond)
+
+
+def add_model_args(parser, out: str) -> None:
+    """The translation commands' arguments (``heatmaps``, ``localize``): the two models'
+    workdirs, ``--out``, ``--config`` / ``--set`` and the data's (`registry.add_data_args`)."""
+    parser.add_argument("--diffusion", default="runs/diffusion", help="diffusion workdir")
+    parser.add_argument("--classifier", default="runs/classifier", help="classifier workdir")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--config", default="heatmaps", help="experiments/<name>.py or a .py path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    registry.add_data_args(parser)
 
 
 def load_models(diffusion_dir: str, classifier_dir: str) -> TranslationModels:
@@ -194,7 +218,7 @@ def init_models(config: Any, image_shape: Sequence[int], class_names: Sequence[s
     k_unet, k_clf = jax.random.split(key)
     x, t = jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32)
     alpha_bar = alphas_cumprod(config.diffusion.schedule, config.diffusion.num_steps)
-    return TranslationModels(module_fn(unet, unet.init(k_unet, x, t)["params"]),
+    return TranslationModels(module_fn(unet, unet.init(k_unet, x, t, t)["params"]),
                              module_fn(clf, clf.init(k_clf, x, t)["params"]), alpha_bar,
                              tuple(image_shape), tuple(class_names), config)
 
@@ -210,6 +234,7 @@ class Translation:
     smooth_sigma: float     # Gaussian sigma of the maps in pixels (0: none)
     reference: str          # what a map is measured against (`config.REFERENCES`)
     unroll: int | bool      # how far the step loops unroll
+    guidance: str           # how the classifier steers (`sampling.GUIDANCE_FORMS`)
 
     def encode(self, eps_fn, x0: jax.Array) -> jax.Array:
         """x0 [B, H, W, C] -> x_L [B, H, W, C], unguided DDIM up the grid."""
@@ -223,26 +248,26 @@ class Translation:
         """x_L, base [B, H, W, C]; guidance: one target, or one per row (`Guidance`) ->
         (translated x_c [B, H, W, C], raw heatmap |x_c - base| [B, H, W])."""
         x_c = sampling.guided_ddim_decode(eps_fn, logit_fn, x_L, self.alpha_bar, self.grid,
-                                          guidance, unroll=self.unroll)
+                                          guidance, form=self.guidance, unroll=self.unroll)
         return x_c, raw_heatmap(base, x_c, self.smooth_sigma)
 
     def heatmaps(self, eps_fn, logit_fn, x0, guidance: Guidance):
-        """x0 [B, H, W, C]; guidance with index, direction [K] (K targets) -> (translated
-        [K, B, H, W, C], raw [B, H, W, K]); one encode, K decodes (and one reconstruction, see
-        `config.REFERENCES`)."""
+        """x0 [B, H, W, C]; guidance with index, direction, label [K] (K targets) ->
+        (translated [K, B, H, W, C], raw [B, H, W, K]); one encode, K decodes (and one
+        reconstruction, see `config.REFERENCES`)."""
         x_L = self.encode(eps_fn, x0)
         base = x0 if self.reference == "x0" else self.reconstruct(eps_fn, x_L)
-        translated, raw = jax.vmap(lambda i, d: self.decode(
-            eps_fn, logit_fn, x_L, base, Guidance(i, d, guidance.scale)))(
-                jnp.asarray(guidance.index), jnp.asarray(guidance.direction))  # raw: [K, B, H, W]
-        return translated, jnp.moveaxis(raw, 0, -1)
+        translated, raw = jax.vmap(lambda i, d, y: self.decode(
+            eps_fn, logit_fn, x_L, base, Guidance(i, d, guidance.scale, y)))(
+                *map(jnp.asarray, (guidance.index, guidance.direction, guidance.label)))
+        return translated, jnp.moveaxis(raw, 0, -1)  # raw: [K, B, H, W] -> [B, H, W, K]
 
 
 def make_translation(models: TranslationModels, settings: Any,
                      level: int | None = None) -> Translation:
     """The translation of ``models`` with a config's ``heatmaps`` settings (``num_steps`` DDIM
-    moves each way, ``smooth_sigma``, ``reference``, ``unroll``) to encode level ``level``
-    (default ``settings.level``), at most the classifier's trained ``max_level``."""
+    moves each way, ``smooth_sigma``, ``reference``, ``unroll``, ``guidance``) to encode level
+    ``level`` (default ``settings.level``), at most the classifier's trained ``max_level``."""
     level = int(settings["level"] if level is None else level)
     if models.max_level is not None and level > models.max_level:
         # Above it the classifier's gradient comes from inputs it never saw: guidance by noise.
@@ -252,7 +277,7 @@ def make_translation(models: TranslationModels, settings: Any,
     alpha_bar = np.asarray(models.alpha_bar, np.float64)
     grid = sampling.ddim_grid(len(alpha_bar), level, int(settings["num_steps"]))
     return Translation(alpha_bar, grid, float(settings["smooth_sigma"]),
-                       str(settings["reference"]), settings["unroll"])
+                       str(settings["reference"]), settings["unroll"], str(settings["guidance"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +304,7 @@ class HeatmapFn:
         return {"targets": [target.spec for target in self.targets], "level": int(t.grid[-1]),
                 "num_steps": len(t.grid) - 1, "guidance_scale": float(self.scale),
                 "smooth_sigma": float(t.smooth_sigma), "reference": t.reference,
-                "image_shape": None if shape is None else list(shape)}
+                "guidance": t.guidance, "image_shape": None if shape is None else list(shape)}
 
 
 def make_heatmap_fn(models: TranslationModels, targets: str | Sequence[str],
@@ -288,6 +313,7 @@ def make_heatmap_fn(models: TranslationModels, targets: str | Sequence[str],
     (`parse_targets`) along ``translation`` (`make_translation`) at guidance ``scale``."""
     parsed = parse_targets(targets, models.class_names)
     guidance = Guidance(np.array([t.index for t in parsed], np.int32),
-                        np.array([t.direction for t in parsed], np.float32), float(scale))
+                        np.array([t.direction for t in parsed], np.float32), float(scale),
+                        np.array([t.label for t in parsed], np.int32))
     program = jax.jit(functools.partial(translation.heatmaps, guidance=guidance))
     return HeatmapFn(models, parsed, translation, float(scale), program)

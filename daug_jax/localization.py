@@ -31,15 +31,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from daug_jax import metrics, stats
+from daug_jax import metrics
 from daug_jax.config import load_config
 from daug_jax.data import pipeline, registry
 from daug_jax.data.registry import NO_FINDING
 from daug_jax.diffusion.sampling import Guidance
 from daug_jax.diffusion.schedule import to_model_space
+from daug_jax.diffusion.unet import DISEASED, HEALTHY
 from daug_jax.files import write_json
-from daug_jax.heatmaps import (Translation, TranslationModels, load_models, make_translation,
-                               raw_heatmap)
+from daug_jax.heatmaps import (Translation, TranslationModels, add_model_args, load_models,
+                               make_translation, raw_heatmap)
 from daug_jax.figures import plot_examples, plot_sweep
 
 # mode -> (region field, label the film must have, guidance target): "absent" = no:<class>,
@@ -110,31 +111,36 @@ def swapped_classes(classes: np.ndarray) -> np.ndarray | None:
 
 
 def _guidance(models, mode_target: str, classes: np.ndarray, data_classes, swapped: bool):
-    """(classifier index [M], direction [M]) of a mode's guidance for cases of ``classes``; the
-    swapped control guides another finding the same way ("No Finding": removes another one)."""
+    """(classifier index [M], direction [M], UNet label [M]) of a mode's guidance for cases of
+    ``classes``; the swapped control guides another finding the same way ("No Finding": removes
+    another one), on the same side (healthy, or diseased towards a class's presence)."""
+    label = np.full(len(classes), DISEASED if mode_target == "present" else HEALTHY, np.int32)
     if mode_target == "healthy" and not swapped:
         if NO_FINDING not in models.class_names:
             raise ValueError(f"the channel mode guides towards {NO_FINDING!r}, which the "
                              f"classifier does not predict ({list(models.class_names)})")
         return (np.full(len(classes), models.class_names.index(NO_FINDING), np.int32),
-                np.ones(len(classes), np.float32))
+                np.ones(len(classes), np.float32), label)
     return (np.array([models.class_names.index(data_classes[c]) for c in classes], np.int32),
-            np.full(len(classes), 1.0 if mode_target == "present" else -1.0, np.float32))
+            np.full(len(classes), 1.0 if mode_target == "present" else -1.0, np.float32), label)
 
 
 def translate_cases(models: TranslationModels, translation: Translation, images: np.ndarray,
                     cases: dict, *, scales: Sequence[float], batch_size: int,
                     data_classes: Sequence[str],
                     swapped_modes: Sequence[str] | None = None) -> dict:
-    """Guided translations and raw heatmaps of every case at every scale, with two controls.
+    """Guided translations and raw heatmaps of every case at every scale, with their controls.
 
     images: [N, H, W, 1] float32 in [-1, 1]; cases: `select_cases` output; translation:
     `heatmaps.make_translation`.  Controls: "unguided" — |DDIM(x0) − x0|, what a map holds
     without guidance (the inversion error); "swapped" — the same films guided the mode's way
     towards another finding (`swapped_classes`), at each scale, for the modes in ``swapped_modes``
-    (default: every mode; the others get None).  Returns ``{"scales": {scale: {mode:
-    {"translated": [M, H, W, 1], "heatmap": [M, H, W], "swapped": [M, H, W] or None}}},
-    "unguided": {mode: [M, H, W]}}`` (numpy).  Every film is encoded once.
+    (default: every mode; the others get None); for a class-conditional UNet also
+    "conditioned" — the decode conditioned on the mode's side at scale 0, what the label does
+    without the classifier.  Returns ``{"scales": {scale: {mode: {"translated": [M, H, W, 1],
+    "heatmap": [M, H, W], "swapped": [M, H, W] or None}}}, "unguided": {mode: [M, H, W]},
+    "conditioned": {mode: [M, H, W]} (class-conditional UNet only)}`` (numpy).  Every film is
+    encoded once.
     """
     used = np.unique(np.concatenate([cases[m]["image"] for m in cases]))
     encode, reconstruct = jax.jit(translation.encode), jax.jit(translation.reconstruct)
@@ -145,24 +151,29 @@ def translate_cases(models: TranslationModels, translation: Translation, images:
     base = images if translation.reference == "x0" else recon
     decode = jax.jit(translation.decode)
 
-    def run(rows, index, direction, scale):
-        """Decodes of films ``rows``, one target each -> (x_c [M, ...], heat [M, H, W])."""
-        return _in_batches(lambda x, b, i, d: decode(models.eps_fn, models.logit_fn, x, b,
-                                                     Guidance(i, d, np.float32(scale))),
-                           batch_size, x_L[rows], base[rows], index, direction)
+    def run(rows, guidance, scale):
+        """Decodes of films ``rows``, one target each (``guidance``: index, direction, label
+        [M]) -> (x_c [M, ...], heat [M, H, W])."""
+        return _in_batches(lambda x, b, i, d, y: decode(models.eps_fn, models.logit_fn, x, b,
+                                                        Guidance(i, d, np.float32(scale), y)),
+                           batch_size, x_L[rows], base[rows], *guidance)
 
     out = {"scales": {}, "unguided": {
         m: np.asarray(raw_heatmap(images[cases[m]["image"]], recon[cases[m]["image"]],
                                   translation.smooth_sigma)) for m in cases}}
+    guidance = {m: _guidance(models, c["target"], c["class"], data_classes, False)
+                for m, c in cases.items()}
+    if models.class_cond:
+        out["conditioned"] = {m: run(cases[m]["image"], guidance[m], 0.0)[1] for m in cases}
     for scale in tqdm(scales, desc="guided decode", unit="scale"):
         by_mode = out["scales"][float(scale)] = {}
         for mode in cases:
             img, cls, target = cases[mode]["image"], cases[mode]["class"], cases[mode]["target"]
-            x_c, heat = run(img, *_guidance(models, target, cls, data_classes, False), scale)
+            x_c, heat = run(img, guidance[mode], scale)
             other = (swapped_classes(cls) if swapped_modes is None or mode in swapped_modes
                      else None)
             swapped = None if other is None else run(
-                img, *_guidance(models, target, other, data_classes, True), scale)[1]
+                img, _guidance(models, target, other, data_classes, True), scale)[1]
             by_mode[mode] = {"translated": x_c, "heatmap": heat, "swapped": swapped}
     return out
 
@@ -189,9 +200,9 @@ def _game(heat: np.ndarray, region: np.ndarray, cls: np.ndarray, data_classes) -
 
 def score(out: dict, scale: float, cases: dict, data_classes: Sequence[str]) -> dict:
     """Pointing game per mode at ``scale`` (pooled over classes, and ``per_class``), with its
-    controls: {"unguided": ..., "swapped": ...} of the same keys, each also carrying
-    "difference" = guided − control over the same films ({"mean", "ci95"}, `stats`).
-    JSON-ready.  out: `translate_cases` output."""
+    controls: {"unguided", "swapped", and "conditioned" where the UNet is class-conditional} of
+    the same keys, each also carrying "difference" = guided − control over the same films
+    ({"mean", "ci95"}, `metrics.paired_difference`).  JSON-ready.  out: `translate_cases`."""
     result = {}
     for mode in cases:
         region, cls = cases[mode]["region"], cases[mode]["class"]
@@ -201,11 +212,14 @@ def score(out: dict, scale: float, cases: dict, data_classes: Sequence[str]) -> 
         guided = out["scales"][float(scale)][mode]
         result[mode] = _game(guided["heatmap"], region, cls, data_classes)
         hits = metrics.pointing_hits(guided["heatmap"], region).astype(np.float64)
-        for name, heat in (("unguided", out["unguided"][mode]), ("swapped", guided["swapped"])):
+        controls = {"unguided": out["unguided"][mode], "swapped": guided["swapped"]}
+        if "conditioned" in out:
+            controls["conditioned"] = out["conditioned"][mode]
+        for name, heat in controls.items():
             result[mode][name] = None if heat is None else _game(heat, region, cls, data_classes)
             if heat is not None:
                 control = metrics.pointing_hits(heat, region).astype(np.float64)
-                result[mode][name]["difference"] = stats.paired_difference(hits, control)
+                result[mode][name]["difference"] = metrics.paired_difference(hits, control)
     return result
 
 
@@ -274,7 +288,7 @@ def _print_summary(results: dict, cases: dict, scales: list[float], scale: float
         r = results[float(scale)][mode]
         controls = [f"{c} {r[c]['pointing_game']:.2f} (guided - {c} "
                     f"{_interval(r[c]['difference'])})"
-                    for c in ("unguided", "swapped") if r.get(c)]
+                    for c in ("unguided", "swapped", "conditioned") if r.get(c)]
         print(f"localize: {mode} at scale {scale:g}: guided {r['pointing_game']:.2f}; "
               + "; ".join(controls))
         for name, r in results[float(scale)][mode]["per_class"].items():
@@ -285,15 +299,10 @@ def _print_summary(results: dict, cases: dict, scales: list[float], scale: float
 def main(command: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"daug-jax {command}",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--diffusion", default="runs/diffusion")
-    parser.add_argument("--classifier", default="runs/classifier")
-    parser.add_argument("--out", default="runs/localization")
-    parser.add_argument("--config", default="heatmaps", help="experiments/<name>.py or a .py path")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_model_args(parser, out="runs/localization")
     parser.add_argument("--scale", type=float, help="guidance scale of the main result (config)")
     parser.add_argument("--sweep", help="comma-separated guidance scales (config)")
     parser.add_argument("--split", default="test", help="split whose films are scored")
-    registry.add_data_args(parser)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     registry.apply_data_args(config, args)
@@ -313,7 +322,8 @@ def main(command: str, argv: list[str]) -> int:
     out = translate_cases(models, make_translation(models, h), images, cases, scales=scales,
                           batch_size=loc.batch_size, data_classes=data_classes)
     results = {s: score(out, s, cases, data_classes) for s in scales}
-    settings = {"guidance_scale": float(scale), "level": h.level, "reference": h.reference,
+    settings = {"guidance_scale": float(scale), "guidance": h.guidance, "level": h.level,
+                "reference": h.reference,
                 "num_steps": h.num_steps, "smooth_sigma": h.smooth_sigma, "dataset": dataset.name,
                 "split": args.split, "image_size": size, "seed": seed, "pool_size": loc.pool_size,
                 "cases_per_class": loc.cases_per_class, "diffusion": args.diffusion,

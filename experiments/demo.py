@@ -2,7 +2,9 @@
 
 Every stage reuses the stage's own config (experiments/diffusion.py, heatmaps.py, towers.py)
 with the sizes below; ``demo:quick`` (``daug-jax demo --quick``) shrinks everything for a smoke
-test of the whole pipeline.  Why each size: docs/measurements.md.
+test of the whole pipeline; ``demo:compare`` is the protocol translation recipes are compared by
+(README, "Heatmap channels"): every figure on the validation films, the classification setting
+of the ablation alone.  Why each size: docs/measurements.md.
 """
 
 import ml_collections
@@ -12,6 +14,8 @@ from experiments.ablation import SETTINGS
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "quick", "compare"):
+        raise ValueError(f"unknown demo config argument {arg!r}; expected 'quick' or 'compare'")
     quick = arg == "quick"
     config = ml_collections.ConfigDict()
     config.out = "runs/quick" if quick else "runs/demo"
@@ -22,6 +26,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Every seed trains all eight runs (two settings x four variants); all 24 are one population.
     config.seeds = (0, 1, 2)
     config.ablation = SETTINGS
+    # The films every reported figure comes from (towers' queries, localization): the test
+    # split, looked at once; "validation" to compare recipes without looking at test films.
+    config.eval_split = "test"
 
     config.diffusion = diffusion.get_config()
     config.heatmaps = heatmaps.get_config().heatmaps
@@ -46,6 +53,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The CPU split into this many devices before JAX starts (`cli._set_up_process`; inert on
     # an accelerator); 1 turns it off.
     config.cpu_devices = 2
+    if arg == "compare":
+        config.out = "runs/compare/demo"
+        config.eval_split = "validation"
+        config.ablation = {"classification": SETTINGS["classification"]}
     if quick:
         config.data.update(num_train=64, num_validation=48, num_test=48)
         config.seeds = (0, 1)

@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # 16/32/32 channels at 32/16/8 px: ~11 GFLOP per batch-32 train step (XLA cost analysis).
     config.unet = _model(ch=16, channel_mult=(1, 2, 2), num_res_blocks=1)
+    # Conditioned on the film's healthy / diseased side ("No Finding"), as the authors' UNet
+    # (experiments/authors_translation.py); label_dropout: the share of films trained with the
+    # null label, so that the model also runs unconditioned (the translation's encode).
+    config.unet.update(class_cond=False, label_dropout=0.1)
     config.unet_train = _train(steps=1000, learning_rate=1e-3, save_every=250)
     config.unet_train.ema_decay = 0.995
 

@@ -35,6 +35,9 @@ def _heatmaps() -> ml_collections.ConfigDict:
     # guidance step ~6x faster on XLA:CPU (docs/measurements.md) at a compile time that grows
     # with num_steps; 1 (a rolled loop) for long grids and on accelerators.
     config.unroll = True
+    # How the classifier steers (`sampling.GUIDANCE_FORMS`): "sigmoid" of the target's logit, as
+    # the classifier is trained, or "softmax" over all logits, as the authors' code guides.
+    config.guidance = "sigmoid"
     config.batch_size = 16
     config.shard_size = 256
     config.dtype = "uint8"           # channels stored as round(255 * h), read back as h in [0, 1]

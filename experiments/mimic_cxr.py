@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- diffusion side
     config.diffusion = dict(schedule="linear", num_steps=1000)
     config.unet = _unet(128)
+    config.unet.update(class_cond=False, label_dropout=0.1)  # True: the authors' UNet
     config.unet_train = _diffusion_train(steps=150_000, save_every=5_000)
     config.unet_train.ema_decay = 0.9999
     config.classifier = _unet(128)
@@ -73,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
         scale=100.0,            # the authors' classifier scale
         smooth_sigma=1.0,
         reference="x0",
+        guidance="sigmoid",     # "softmax": the authors' (experiments/authors_translation.py)
         unroll=1,               # rolled DDIM loops: 500 steps unrolled would not compile
         batch_size=32,
         shard_size=1024,

@@ -41,9 +41,7 @@ def test_quick_bench_writes_every_measurement(tmp_path_factory):
         assert math.isclose(s["flops_per_s"] * s["median_s"], s["flops_per_device"], rel_tol=1e-9)
     h = result["heatmaps"]
     assert h["targets"] == 2 and h["batch"] == 2
-    for name in ("compiled", "python_loop"):
-        assert _positive(h[name]["images_classes_per_s"]) and _positive(h[name]["median_s"])
-    assert _positive(h["speedup"])
+    assert _positive(h["compiled"]["images_classes_per_s"]) and _positive(h["compiled"]["median_s"])
     for key in ("xla_flops", "matmul_flops", "compile_s"):
         assert _positive(h[key]), key
     # Cost analysis counts elementwise work too; both count the same unrolled loops on CPU.
@@ -82,5 +80,5 @@ def test_gpu_profile_tiny_runs_the_paper_program_shapes(tmp_path_factory):
     assert s["batch"] == 2 and _positive(s["ratio_to_matmul"]) and math.isfinite(s["loss"])
     h = result["heatmaps"]
     assert h["ddim_steps_each_way"] == 2 and h["targets"] == 2 and h["batch"] == 2
-    assert _positive(h["compiled"]["ratio_to_matmul"]) and _positive(h["speedup"])
-    assert "heatmaps compiled / python loop" in printed and "bfloat16" in printed
+    assert _positive(h["compiled"]["ratio_to_matmul"])
+    assert "heatmap translation" in printed and "bfloat16" in printed

@@ -6,12 +6,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 from scipy import ndimage
 
 from daug_jax import heatmap_job, localization
 from daug_jax.data.pipeline import ArraySource
 from daug_jax.diffusion.schedule import alphas_cumprod
-from daug_jax.heatmaps import (TranslationModels, as_partial, blur_matrix, calibrate_scale,
+from daug_jax.heatmaps import (TranslationModels, blur_matrix, calibrate_scale,
                                check_images, make_heatmap_fn, make_translation, parse_targets,
                                scale_heatmaps)
 
@@ -20,9 +21,9 @@ CLASSES = ("No Finding", "Left", "Right")
 ALPHA_BAR = alphas_cumprod("linear", 1000)
 
 
-def zero_eps(x, t):
+def zero_eps(x, t, y=None):
     """eps = 0: the unguided DDIM walk is a pure rescaling, so encode + decode is the identity."""
-    del t
+    del t, y
     return jnp.zeros_like(x)
 
 
@@ -35,11 +36,12 @@ def linear_logits(x, t):
 
 
 def closed_form_models(max_level=None):
-    return TranslationModels(as_partial(zero_eps), as_partial(linear_logits), ALPHA_BAR,
+    return TranslationModels(Partial(zero_eps), Partial(linear_logits), ALPHA_BAR,
                              (H, W, 1), CLASSES, None, max_level=max_level)
 
 
-SETTINGS = dict(level=300, num_steps=2, smooth_sigma=0.0, reference="x0", unroll=1)
+SETTINGS = dict(level=300, num_steps=2, smooth_sigma=0.0, reference="x0", unroll=1,
+                guidance="sigmoid")
 
 
 def small_heatmap_fn(targets="Left,no:Right", scale=2.0):

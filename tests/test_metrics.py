@@ -31,47 +31,6 @@ def test_recall_with_extra_gallery_columns():
     assert metrics.recall_at_k(sim, 3) == 1.0
 
 
-# --------------------------------------------------------------------- precision
-
-
-def test_precision_ties_in_stable_order():
-    # Columns 0, 2, 3 tie at 0.7; only column 0 is relevant, so a tie order other than
-    # "lower index first" would change the answer.
-    sim = np.array([[0.7, 0.9, 0.7, 0.7],
-                    [0.1, 0.1, 0.1, 0.1]])
-    query = np.array([[1, 0], [1, 0]])
-    gallery = np.array([[1, 0], [0, 1], [0, 1], [-1, 1]])
-    # query 0: top-2 = columns 1, 0 -> 1 relevant;  query 1 (all tied): columns 0, 1 -> 1 relevant.
-    # (Higher index first would give columns 1, 3 and 3, 2: nothing relevant.)
-    assert metrics.precision_at_k(sim, query, gallery, 2) == pytest.approx(0.5)
-    # k = 3: query 0 gets 1, 0, 2 -> 1/3; query 1 gets 0, 1, 2 -> 1/3.
-    assert metrics.precision_at_k(sim, query, gallery, 3) == pytest.approx(1 / 3)
-    # k = 1: query 0 -> column 1 (not relevant); query 1 -> column 0 (relevant).
-    assert metrics.precision_at_k(sim, query, gallery, 1) == 0.5
-
-
-def test_precision_relevance_needs_a_shared_positive():
-    sim = np.array([[0.9, 0.5, 0.1]])
-    query = np.array([[1, -1, 1]])  # uncertain does not count as positive
-    gallery = np.array([[0, 1, 0], [0, 0, 1], [-1, -1, -1]])
-    assert metrics.precision_at_k(sim, query, gallery, 1) == 0.0  # shares only an uncertain class
-    assert metrics.precision_at_k(sim, query, gallery, 2) == 0.5
-
-
-def test_precision_exclude_self():
-    sim = np.array([[1.0, 0.8, 0.2],
-                    [0.8, 1.0, 0.5],
-                    [0.2, 0.5, 1.0]])
-    labels = np.array([[1, 0], [1, 0], [0, 1]])
-    assert metrics.precision_at_k(sim, labels, labels, 1) == 1.0  # each query finds itself
-    # Without itself: 0 -> 1 (relevant), 1 -> 0 (relevant), 2 -> 1 (not).
-    assert metrics.precision_at_k(sim, labels, labels, 1, exclude_self=True) == pytest.approx(2 / 3)
-    # k = 2 is the whole remaining gallery: 0 -> {1, 2}: 1/2; 1 -> {0, 2}: 1/2; 2 -> {1, 0}: 0.
-    assert metrics.precision_at_k(sim, labels, labels, 2, exclude_self=True) == pytest.approx(1 / 3)
-    with pytest.raises(ValueError, match=r"k must be in \[1, 2\]"):
-        metrics.precision_at_k(sim, labels, labels, 3, exclude_self=True)
-
-
 # --------------------------------------------------------------------- recall against loops
 
 
@@ -190,10 +149,6 @@ def test_shape_mismatches_raise_clear_errors():
         metrics.recall_at_k(np.ones(3), 1)
     with pytest.raises(ValueError, match="at least as many gallery columns"):
         metrics.recall_at_k(np.ones((3, 2)), 1)
-    with pytest.raises(ValueError, match="query_labels has 2 rows, expected 3"):
-        metrics.precision_at_k(np.ones((3, 4)), np.ones((2, 2)), np.ones((4, 2)), 1)
-    with pytest.raises(ValueError, match="gallery_labels has 3 rows, expected 4"):
-        metrics.precision_at_k(np.ones((3, 4)), np.ones((3, 2)), np.ones((3, 2)), 1)
     with pytest.raises(ValueError, match="mask has shape"):
         metrics.auroc(np.ones((4, 2)), np.ones((4, 2)), np.ones((4, 3)))
     with pytest.raises(ValueError, match="got 2 class names for 3 score columns"):

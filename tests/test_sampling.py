@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
 from daug_jax.diffusion import sampling
 from daug_jax.diffusion.sampling import Guidance
 from daug_jax.diffusion.schedule import alphas_cumprod
-from daug_jax.heatmaps import (TranslationModels, as_partial, make_heatmap_fn, make_translation,
+from daug_jax.heatmaps import (TranslationModels, make_heatmap_fn, make_translation,
                                raw_heatmap)
 
 H = W = 8
@@ -26,7 +27,7 @@ def gaussian_model(seed=0):
     x0 = (mu + SIGMA * rng.standard_normal((4, H, W, 1))).astype(np.float32)
     ab = jnp.asarray(ALPHA_BAR, jnp.float32)
 
-    def eps_fn(x, t):
+    def eps_fn(x, t, y=None):  # unconditional: the label is ignored
         a = ab[t][:, None, None, None]
         return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu) / (a * SIGMA**2 + 1 - a)
 
@@ -52,14 +53,15 @@ def closed_form_models(seed=0):
     """The Gaussian eps and the linear classifier as `TranslationModels` (+ mu, x0, w, b)."""
     mu, x0, eps_fn = gaussian_model(seed)
     w, b, logit_fn = linear_classifier()
-    models = TranslationModels(as_partial(eps_fn), as_partial(logit_fn), ALPHA_BAR, (H, W, 1),
+    models = TranslationModels(Partial(eps_fn), Partial(logit_fn), ALPHA_BAR, (H, W, 1),
                                CLASSES, config=None)
     return models, mu, x0, w, b
 
 
 def translation(models, level, num_steps, reference="x0", smooth_sigma=1.0):
     return make_translation(models, dict(level=level, num_steps=num_steps, reference=reference,
-                                         smooth_sigma=smooth_sigma, unroll=1))
+                                         smooth_sigma=smooth_sigma, unroll=1,
+                                         guidance="sigmoid"))
 
 
 def translate(models, t, x, index, direction, scale):
@@ -239,3 +241,42 @@ def test_translation_pieces_with_per_row_targets_equal_the_heatmap_program(heatm
     rows = np.arange(len(x))
     np.testing.assert_allclose(np.asarray(x_c), np.asarray(translated)[k, rows], atol=1e-5)
     np.testing.assert_allclose(np.asarray(heat), np.asarray(raw)[rows, ..., k], atol=1e-5)
+
+
+def test_softmax_guidance_is_the_closed_form_and_the_finite_difference():
+    """``heatmaps.guidance = "softmax"`` (the authors' form): eps - s sqrt(1 - a) d grad log
+    softmax(logits)_c.  Linear classifier: grad = w_c - sum_k p_k w_k in float64 NumPy (1e-5);
+    a small non-linear classifier: central finite differences of its float64 log-softmax."""
+    _, x0, eps_fn = gaussian_model()
+    w, b, logit_fn = linear_classifier()
+    t, a = 300, float(ALPHA_BAR[300])
+    eps = np.asarray(eps_fn(jnp.asarray(x0), jnp.full((4,), t, jnp.int32)), np.float64)
+    run = jax.jit(lambda x, g, logits: sampling.guided_eps(eps_fn, logits, x, t, a, g, "softmax"),
+                  static_argnums=2)
+    z = np.einsum("bhwc,khwc->bk", x0.astype(np.float64), w) + b
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    for index, direction in ((0, 1.0), (2, -1.0)):
+        got = run(x0, Guidance(index, direction, 5.0), logit_fn)
+        grad = w[index][None] - np.einsum("bk,khwc->bhwc", p, w)
+        np.testing.assert_allclose(np.asarray(got), eps - 5.0 * np.sqrt(1 - a) * direction * grad,
+                                   rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(3)
+    first, second = rng.normal(size=(H * W, 6)) / 4, rng.normal(size=(6, 3))
+
+    def mlp(x):  # [B, H, W, 1] -> [B, 3]; NumPy and JAX alike
+        return jnp.tanh(x.reshape(x.shape[0], -1) @ first) @ second
+
+    def log_softmax_np(x, c):
+        z = np.tanh(x.reshape(-1) @ first) @ second
+        return z[c] - np.log(np.sum(np.exp(z)))
+
+    got = np.asarray(run(x0, Guidance(1, 1.0, 5.0), lambda x, t: mlp(x)))
+    x = x0[0].astype(np.float64)
+    step, grad = 1e-5, np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += step
+        down[i] -= step
+        grad[i] = (log_softmax_np(up, 1) - log_softmax_np(down, 1)) / (2 * step)
+    np.testing.assert_allclose(got[0], eps[0] - 5.0 * np.sqrt(1 - a) * grad, rtol=1e-4, atol=1e-4)

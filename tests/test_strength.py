@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
 from daug_jax.diffusion.strength import classifier_auroc
-from daug_jax.heatmaps import TranslationModels, as_partial
+from daug_jax.heatmaps import TranslationModels
 from tests.test_heatmaps import ALPHA_BAR, CLASSES, H, W, linear_logits, zero_eps
 
 
@@ -18,7 +19,7 @@ def test_auroc_is_perfect_on_clean_films_and_falls_to_chance_under_noise():
     images = np.full((n, H, W, 1), -0.5, np.float32)
     images[labels[:, 1] == 1, :, : W // 2] = 0.5
     images[labels[:, 2] == 1, :, W // 2:] = 0.5
-    models = TranslationModels(as_partial(zero_eps), as_partial(linear_logits), ALPHA_BAR,
+    models = TranslationModels(Partial(zero_eps), Partial(linear_logits), ALPHA_BAR,
                                (H, W, 1), CLASSES, None)
     out = classifier_auroc(models, images, labels, CLASSES, levels=(0, 999), batch_size=24)
     assert set(out) == {"0", "999"}

@@ -22,7 +22,6 @@ from daug_jax.models.text import (
     load_bert_params,
     load_hf_bert,
     prompt_tokens,
-    small_config,
     tokenize,
     train_wordpiece_tokenizer,
 )
@@ -43,6 +42,12 @@ REPORTS = [
     "Mild cardiomegaly without pulmonary edema.",
     "Stable mediastinal contours; no focal consolidation.",
 ] * 3
+
+
+def small_config(vocab_size: int) -> BertConfig:
+    """A BERT small enough to build in a test."""
+    return BertConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=512, max_position_embeddings=128)
 
 
 def minilm_dir():

@@ -107,14 +107,7 @@ class ChexpertCxr(rc.DropCountingBuilder):
                 continue
             parts = path.split("/")  # the id drops the variant folder: small and full agree
             image_id = "/".join(parts[1:])
-            yield image_id, {
-                "image": image,
-                "report": "",
-                "labels": label,
-                "missing": missing,
-                "id": image_id,
-                "study_id": "/".join(parts[-3:-1]),
-                "subject_id": parts[-3],
-                "view": view,
-            }
+            yield image_id, {"image": image, "report": "", "labels": label, "missing": missing,
+                             "id": image_id, "study_id": "/".join(parts[-3:-1]),
+                             "subject_id": parts[-3], "view": view}
 

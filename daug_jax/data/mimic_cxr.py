@@ -204,14 +204,7 @@ class MimicCxr(rc.DropCountingBuilder):
             if reason:
                 drops[reason] += 1
                 continue
-            yield dicom, {
-                "image": image,
-                "report": reports[study],
-                "labels": labels,
-                "missing": missing,
-                "id": dicom,
-                "study_id": study,
-                "subject_id": subject,
-                "view": view,
-            }
+            yield dicom, {"image": image, "report": reports[study], "labels": labels,
+                          "missing": missing, "id": dicom, "study_id": study,
+                          "subject_id": subject, "view": view}
 

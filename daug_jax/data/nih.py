@@ -220,11 +220,5 @@ class NihCxr14(rc.DropCountingBuilder):
             masks = np.zeros((len(CLASS_NAMES), size, size), np.bool_)
             for c, x, y, w, h in film_boxes:
                 masks[c] |= box_mask(x, y, w, h, size)
-            yield index, {
-                "image": image,
-                "labels": labels,
-                "boxes": masks,
-                "has_box": masks.any(axis=(1, 2)),
-                "id": index,
-                "report": "",
-            }
+            yield index, {"image": image, "labels": labels, "boxes": masks,
+                          "has_box": masks.any(axis=(1, 2)), "id": index, "report": ""}

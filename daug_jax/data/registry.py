@@ -47,9 +47,7 @@ def _synthetic(cfg: Any, image_size: int):
 
 
 def _mimic(cfg: Any, image_size: int):
-    config = mimic_cxr.MimicCxrConfig(
-        image_size=image_size,
-        report_section=cfg.report_section)
+    config = mimic_cxr.MimicCxrConfig(image_size=image_size, report_section=cfg.report_section)
     return mimic_cxr.MimicCxr(config=config, data_dir=cfg.data_dir)
 
 

@@ -9,17 +9,21 @@ still carries the patient's anatomy.  Walking back down with classifier guidance
     eps_hat = eps(x_t, t) - s * sqrt(1 - alpha_bar_t) * grad_x log sigmoid(d * logit_c(x_t, t))
 
 with ``d = +1`` towards the presence of class ``c`` and ``d = -1`` towards its absence
-(``log sigmoid(-z) = log(1 - sigmoid(z))``).  `heatmaps.Translation` composes these pieces into
-the translation every stage uses.
+(``log sigmoid(-z) = log(1 - sigmoid(z))``), or, as the authors' code guides, ``d`` times the
+gradient of ``log softmax(logits)_c``.  A class-conditional UNet also decodes conditioned on the
+target's side (healthy or diseased).  `heatmaps.Translation` composes these pieces into the
+translation every stage uses.
 
 Models enter as closures, not modules:
 
-    eps_fn(x, t) -> eps      x: [B, H, W, C] float32 in [-1, 1], t: [B] int32 levels
+    eps_fn(x, t, y) -> eps   x: [B, H, W, C] float32 in [-1, 1], t: [B] int32 levels,
+                             y: [B] int32 labels of a class-conditional UNet (else ignored)
     logit_fn(x, t) -> logits [B, num_classes]
 
-so the same loops drive a Flax UNet (``lambda x, t: unet.apply({"params": p}, x, t)``) or the
-closed-form eps of a Gaussian in the tests.  Loops are ``lax.scan``s: encode + decode trace into
-one XLA program, 2 * S network evaluations (plus S classifier gradients) per image and target.
+so the same loops drive a Flax UNet (``lambda x, t, y: unet.apply({"params": p}, x, t, y)``) or
+the closed-form eps of a Gaussian in the tests.  Loops are ``lax.scan``s: encode + decode trace
+into one XLA program, 2 * S network evaluations (plus S classifier gradients) per image and
+target.
 """
 
 from __future__ import annotations
@@ -35,19 +39,27 @@ import numpy as np
 from jax import lax
 
 from daug_jax.diffusion.schedule import ddim_step
+from daug_jax.diffusion.unet import NULL_LABEL
 
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 LogitFn = Callable[[jax.Array, jax.Array], jax.Array]
+# How the classifier's logits steer (``heatmaps.guidance``): "sigmoid", the log-probability of
+# the one class as the classifier is trained (multi-label), or "softmax", the log-softmax over
+# all logits as the authors' code guides.
+GUIDANCE_FORMS = ("sigmoid", "softmax")
 
 
 @flax.struct.dataclass
 class Guidance:
-    """Where the classifier steers a decode: logit ``index`` (int), ``direction`` +1 (towards
-    presence) or -1 (towards absence), each a scalar or [B] (one target per row), and the scale
-    s >= 0.  A pytree: the decode can be vmapped over targets, or jitted with them as inputs."""
+    """Where a decode is steered: the classifier's logit ``index`` (int), ``direction`` +1
+    (towards presence) or -1 (towards absence), the class-conditional UNet's ``label``
+    (`unet.HEALTHY` or `unet.DISEASED`; ignored by an unconditional UNet), each a scalar or [B]
+    (one target per row), and the scale s >= 0.  A pytree: the decode can be vmapped over
+    targets, or jitted with them as inputs."""
     index: Any
     direction: Any
     scale: Any
+    label: Any = NULL_LABEL
 
 
 def ddim_grid(num_levels: int, level: int, num_steps: int) -> np.ndarray:
@@ -81,25 +93,30 @@ def grid_levels(alpha_bar, grid) -> tuple[np.ndarray, jax.Array]:
 
 
 def guided_eps(eps_fn: EpsFn, logit_fn: LogitFn, x: jax.Array, t, alpha_bar_t,
-               guidance: Guidance) -> jax.Array:
+               guidance: Guidance, form: str = "sigmoid") -> jax.Array:
     """Classifier-guided noise estimate at one level: x [B, H, W, C], t scalar int level,
-    alpha_bar_t scalar -> eps_hat [B, H, W, C].
+    alpha_bar_t scalar -> eps_hat [B, H, W, C] (`GUIDANCE_FORMS`: the gradient of
+    log sigmoid(d * logit_c), or d times the gradient of log softmax(logits)_c).
 
     The gradient of the batch sum of log-probabilities is the per-example gradient because each
     example's logit depends on that example only (no batch statistics in the classifier).
     """
     batch = x.shape[0]
     t_b = jnp.full((batch,), t, jnp.int32)                            # the networks' [B] levels
-    index = jnp.broadcast_to(jnp.asarray(guidance.index, jnp.int32), (batch,))
-    sign = jnp.broadcast_to(jnp.asarray(guidance.direction, jnp.float32), (batch,))
+    index, sign, label = (jnp.broadcast_to(jnp.asarray(v, dtype), (batch,)) for v, dtype in (
+        (guidance.index, jnp.int32), (guidance.direction, jnp.float32),
+        (guidance.label, jnp.int32)))
 
     def log_prob(x):
         logits = logit_fn(x, t_b).astype(jnp.float32)                 # [B, num_classes]
+        if form == "softmax":
+            chosen = jnp.take_along_axis(jax.nn.log_softmax(logits), index[:, None], axis=1)
+            return jnp.sum(sign * chosen[:, 0])
         chosen = jnp.take_along_axis(logits, index[:, None], axis=1)[:, 0]
         return jnp.sum(jax.nn.log_sigmoid(sign * chosen))
 
     grad = jax.grad(log_prob)(x)
-    eps = eps_fn(x, t_b).astype(x.dtype)
+    eps = eps_fn(x, t_b, label).astype(x.dtype)
     return eps - guidance.scale * jnp.sqrt(1.0 - alpha_bar_t) * grad
 
 
@@ -122,8 +139,9 @@ def _walk(eps_at, x: jax.Array, alpha_bar, grid, up: bool, unroll: int | bool) -
 
 
 def _unguided(eps_fn: EpsFn):
-    """The plain noise estimate as a walk's ``eps_at``."""
-    return lambda x, t_from, _: eps_fn(x, jnp.full((x.shape[0],), t_from, jnp.int32))
+    """The plain, unconditioned noise estimate as a walk's ``eps_at``."""
+    return lambda x, t_from, _: eps_fn(x, *(jnp.full((x.shape[0],), v, jnp.int32)
+                                            for v in (t_from, NULL_LABEL)))
 
 
 def ddim_encode(eps_fn: EpsFn, x0: jax.Array, alpha_bar, grid, *,
@@ -144,10 +162,11 @@ def ddim_decode(eps_fn: EpsFn, x_L: jax.Array, alpha_bar, grid, *,
 
 
 def guided_ddim_decode(eps_fn: EpsFn, logit_fn: LogitFn, x_L: jax.Array, alpha_bar, grid,
-                       guidance: Guidance, *, unroll: int | bool = 1) -> jax.Array:
-    """Deterministic DDIM from ``L = grid[-1]`` down to ``grid[0]`` with classifier guidance:
-    x_L [B, H, W, C] -> the translated image [B, H, W, C].  guidance: see `Guidance` (may be
-    traced, so the decode can be vmapped over targets)."""
+                       guidance: Guidance, *, form: str = "sigmoid",
+                       unroll: int | bool = 1) -> jax.Array:
+    """Deterministic DDIM from ``L = grid[-1]`` down to ``grid[0]`` with classifier guidance
+    (of ``form``, `guided_eps`): x_L [B, H, W, C] -> the translated image [B, H, W, C].
+    guidance: see `Guidance` (may be traced, so the decode can be vmapped over targets)."""
     chex.assert_rank(x_L, 4)
-    eps_at = functools.partial(guided_eps, eps_fn, logit_fn, guidance=guidance)
+    eps_at = functools.partial(guided_eps, eps_fn, logit_fn, guidance=guidance, form=form)
     return _walk(eps_at, x_L, alpha_bar, grid, False, unroll)

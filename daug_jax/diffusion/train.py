@@ -28,9 +28,10 @@ import optax
 from daug_jax import loop, parallel
 from daug_jax.checkpoint import Checkpointer
 from daug_jax.data import registry
+from daug_jax.data.registry import NO_FINDING
 from daug_jax.data.pipeline import BatchReader, train_batches
 from daug_jax.diffusion.schedule import alphas_cumprod, eps_loss, q_sample, to_model_space
-from daug_jax.diffusion.unet import NoiseAwareClassifier, UNet
+from daug_jax.diffusion.unet import DISEASED, HEALTHY, NULL_LABEL, NoiseAwareClassifier, UNet
 from daug_jax.files import as_json, read_json, write_json
 from daug_jax.lock import workdir_lock
 from daug_jax.losses import masked_bce
@@ -49,7 +50,9 @@ def _arch(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def make_unet(config: ml_collections.ConfigDict) -> UNet:
-    return UNet(**_arch(config.unet))
+    """The epsilon-UNet of ``config.unet``, conditioned on the film's healthy / diseased side
+    when ``unet.class_cond``."""
+    return UNet(**_arch(config.unet), num_labels=2 if config.unet.class_cond else 0)
 
 
 def make_classifier(config: ml_collections.ConfigDict, num_classes: int) -> NoiseAwareClassifier:
@@ -80,8 +83,9 @@ def trained_max_level(config: ml_collections.ConfigDict) -> int:
 # ----------------------------------------------------------------------------- steps
 def init_state(module, tx, image_shape: Sequence[int], key: jax.Array, *, ema: bool) -> State:
     """Fresh parameters (from a [1, H, W, C] dummy), optimizer state and optional EMA copy."""
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    params = module.init(key, x, jnp.zeros((1,), jnp.int32))["params"]
+    x, t = jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32)
+    labels = (t,) if getattr(module, "num_labels", 0) else ()  # a class-conditional UNet's
+    params = module.init(key, x, t, *labels)["params"]
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     if ema:
         state["ema"] = jax.tree.map(jnp.copy, params)  # own buffers: the step donates both
@@ -115,16 +119,27 @@ def _update(tx, state: State, grads: Any, loss: jax.Array, skip_nonfinite: bool,
 
 
 def diffusion_step_fn(module: UNet, tx, alpha_bar: Any, ema_decay: float, *,
-                      skip_nonfinite: bool = False) -> Callable:
+                      label_dropout: float = 0.0, skip_nonfinite: bool = False) -> Callable:
     """``step(state, batch, key)``: one epsilon-MSE update at uniform random levels, plus EMA;
-    batch["image"]: [B, H, W, C] float32 in [0, 1] (mapped to [-1, 1] here, on device)."""
+    batch["image"]: [B, H, W, C] float32 in [0, 1] (mapped to [-1, 1] here, on device).
+
+    A class-conditional UNet (``module.num_labels``) also reads the film's "No Finding" label,
+    batch["labels"] / batch["label_mask"] [B, 1]: `HEALTHY` where it is 1, `DISEASED` where 0,
+    `NULL_LABEL` where unknown, and the null label with probability ``label_dropout`` so that
+    the model also learns to run unconditioned."""
     num_steps = alpha_bar.shape[0]
 
     def step(state: State, batch: dict, key: jax.Array):
         x_t, t, noise = _noised(batch["image"], key, state["step"], alpha_bar, num_steps - 1)
+        y = ()
+        if module.num_labels:
+            known, healthy = batch["label_mask"][:, 0] > 0, batch["labels"][:, 0] > 0.5
+            dropped = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(
+                key, state["step"]), 2), label_dropout, t.shape)
+            y = (jnp.where(known & ~dropped, jnp.where(healthy, HEALTHY, DISEASED), NULL_LABEL),)
 
         def loss_fn(params):
-            return eps_loss(module.apply({"params": params}, x_t, t), noise)
+            return eps_loss(module.apply({"params": params}, x_t, t, *y), noise)
 
         def ema(params):
             # Warm-started decay (TF's num_updates rule): short CPU runs would otherwise keep a
@@ -164,20 +179,31 @@ def classifier_step_fn(module: NoiseAwareClassifier, tx, alpha_bar: Any,
 
 
 # ----------------------------------------------------------------------------- training
-def train_diffusion(config: ml_collections.ConfigDict, source: Any, workdir: str) -> Any:
+def train_diffusion(config: ml_collections.ConfigDict, source: Any, workdir: str, *,
+                    class_names: Sequence[str] | None = None) -> Any:
     """Trains (or resumes) the epsilon-UNet on the films of ``source``; returns the EMA parameters.
 
     source: random-access split (`daug_jax.data.registry`, or `ArraySource`) whose records have
-    "image" [H, W, C] uint8, or float32 in [0, 1]; read in streamed batches.
+    "image" [H, W, C] uint8, or float32 in [0, 1] (and "labels" [K] for a class-conditional
+    UNet, ``unet.class_cond``, whose label is the "No Finding" column among ``class_names``);
+    read in streamed batches.
     """
     tcfg, module = config.unet_train, make_unet(config)
     tx = make_optimizer(tcfg)
     step = diffusion_step_fn(module, tx, alpha_bar_of(config), tcfg.ema_decay,
+                             label_dropout=float(config.unet.label_dropout),
                              skip_nonfinite=bool(tcfg.skip_nonfinite))
+    reader, names = BatchReader(source), None
+    if module.num_labels:
+        names = [str(c) for c in class_names or ()]
+        if NO_FINDING not in names:
+            raise ValueError(f"unet.class_cond conditions the UNet on the {NO_FINDING!r} label, "
+                             f"which the data's classes {names} do not have")
+        reader = BatchReader(source, label_columns=[names.index(NO_FINDING)])
+        names = [NO_FINDING]
     meta = {"kind": "diffusion", "model_section": "unet", "config": as_json(config.to_dict()),
-            "image_shape": _image_shape(source), "class_names": None}
-    return _fit("train-diffusion", (module, tx, step), meta, BatchReader(source), tcfg,
-                workdir)["ema"]
+            "image_shape": _image_shape(source), "class_names": names}
+    return _fit("train-diffusion", (module, tx, step), meta, reader, tcfg, workdir)["ema"]
 
 
 def train_classifier(config: ml_collections.ConfigDict, source: Any, workdir: str, *,
@@ -213,7 +239,7 @@ def _fit(name: str, model: tuple, meta: dict, reader: BatchReader,
     image_shape = tuple(meta["image_shape"])
     init = jax.jit(lambda key: init_state(module, tx, image_shape, key,
                                           ema=meta["kind"] == "diffusion"), out_shardings=rep)
-    fields = ("image",) if meta["kind"] == "diffusion" else ("image", "labels", "label_mask")
+    fields = ("image", "labels", "label_mask") if meta["class_names"] else ("image",)
     step = jax.jit(step, in_shardings=(rep, {k: split for k in fields}, rep),
                    out_shardings=(rep, rep), donate_argnums=0)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tcfg.save_every)
@@ -307,7 +333,7 @@ def main(command: str, argv: list[str]) -> int:
     source = dataset.source(config.data.train_split)
     with workdir_lock(args.workdir, what=command):  # one run per workdir
         if kind == "diffusion":
-            train_diffusion(config, source, args.workdir)
+            train_diffusion(config, source, args.workdir, class_names=dataset.class_names)
         else:
             train_classifier(config, source, args.workdir, class_names=dataset.class_names,
                              label_policy=config.data.label_policy)

@@ -30,6 +30,9 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+# The labels of a class-conditional UNet (``unet.class_cond``): the film's healthy / diseased side
+# ("No Finding" or its absence), and the null label that conditions on nothing.
+NULL_LABEL, HEALTHY, DISEASED = 0, 1, 2
 
 
 def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
@@ -162,6 +165,9 @@ class UNet(nn.Module):
         has attention whenever this is non-empty.
       num_heads, norm_groups: attention heads and the GroupNorm group cap.
       out_channels: output channels (default: the input's).
+      num_labels: 0, or the number of class labels the model is conditioned on (``unet.class_cond``:
+        `HEALTHY` and `DISEASED`): a label embedding joins the timestep embedding, and label 0
+        (`NULL_LABEL`) adds nothing, so a conditional model also runs unconditioned.
       dtype: compute dtype (e.g. bfloat16 on accelerators); parameters and output are float32.
     """
     ch: int = 32
@@ -171,11 +177,14 @@ class UNet(nn.Module):
     num_heads: int = 1
     norm_groups: int = 32
     out_channels: int | None = None
+    num_labels: int = 0
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, t):
-        """x: [B, H, W, C] float32 in [-1, 1]; t: [B] int levels -> eps [B, H, W, C_out] float32."""
+    def __call__(self, x, t, y=None):
+        """x: [B, H, W, C] float32 in [-1, 1]; t: [B] int levels; y: [B] int labels in
+        [0, num_labels] (None: `NULL_LABEL`; ignored without ``num_labels``)
+        -> eps [B, H, W, C_out] float32."""
         chex.assert_rank(x, 4)
         chex.assert_shape(t, (x.shape[0],))
         factor = 2 ** (len(self.channel_mult) - 1)
@@ -185,6 +194,10 @@ class UNet(nn.Module):
         out_ch = self.out_channels or x.shape[-1]
         g, dt = self.norm_groups, self.dtype
         temb = TimeEmbedding(4 * self.ch, dtype=dt)(t)
+        if self.num_labels and y is not None:
+            chex.assert_shape(y, (x.shape[0],))
+            label = nn.Embed(self.num_labels + 1, 4 * self.ch, name="label_embed")(y)
+            temb = temb + jnp.where((y > NULL_LABEL)[:, None], label, 0.0).astype(temb.dtype)
 
         h, skips = down_path(self, _conv(self.ch, dt)(x.astype(dt)), temb)
 

@@ -88,12 +88,6 @@ class BertConfig:
             return cls.from_dict(json.load(f))
 
 
-def small_config(vocab_size: int) -> BertConfig:
-    """A BERT small enough to train from scratch on 2 CPU cores in minutes."""
-    return BertConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, intermediate_size=512, max_position_embeddings=128)
-
-
 # ----------------------------------------------------------------------------- model
 class BertEmbeddings(nn.Module):
     config: BertConfig
@@ -279,16 +273,11 @@ def require_files(path: str | os.PathLike, names: tuple[str, ...] = (CONFIG_FILE
 
 
 # The modules of our `BertLayer` -> Hugging Face's, under ``encoder.layer.<i>``.
-_LAYER_MODULES = {
-    "query": "attention.self.query",
-    "key": "attention.self.key",
-    "value": "attention.self.value",
-    "attention_output": "attention.output.dense",
-    "attention_norm": "attention.output.LayerNorm",
-    "intermediate": "intermediate.dense",
-    "output": "output.dense",
-    "output_norm": "output.LayerNorm",
-}
+_LAYER_MODULES = {"query": "attention.self.query", "key": "attention.self.key",
+                  "value": "attention.self.value", "attention_output": "attention.output.dense",
+                  "attention_norm": "attention.output.LayerNorm",
+                  "intermediate": "intermediate.dense", "output": "output.dense",
+                  "output_norm": "output.LayerNorm"}
 
 
 def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
