@@ -31,18 +31,22 @@ EFFECTS = {"daug": (("daug", "daug_hybrid"), ("baseline", "hybrid")),
            "hybrid": (("hybrid", "daug_hybrid"), ("baseline", "daug"))}
 
 
-def members(settings: dict, seeds: Sequence[int]) -> list[dict]:
+def members(settings: dict, seeds: Sequence[int],
+            variants: Sequence[str] = tuple(VARIANTS)) -> list[dict]:
     """Every run of the ablation as a member of one population (`daug_jax.population`):
     {"name": "<setting>/<variant>/seed<k>", "seed", "fill", "clip_weight"}.
 
     settings: {setting: {"single": w, "hybrid": w}}, the clip weight of the setting's
-    single-term loss and of its hybrid (the paper's, ``experiments/ablation.py``)."""
+    single-term loss and of its hybrid (the paper's, ``experiments/ablation.py``); variants: the
+    cells of the 2x2 design to run (without reports: the single-term ones of a class-only
+    setting)."""
     out = []
     for setting, weights in settings.items():
         if set(weights) != {"single", "hybrid"}:
             raise ValueError(f"ablation setting {setting!r} needs the clip weights of its "
                              f"'single' and 'hybrid' losses, got {dict(weights)}")
-        for variant, (fill, loss) in VARIANTS.items():
+        for variant in variants:
+            fill, loss = VARIANTS[variant]
             for seed in seeds:
                 out.append({"name": f"{setting}/{variant}/seed{int(seed)}", "seed": int(seed),
                             "fill": fill, "clip_weight": float(weights[loss])})
@@ -50,12 +54,13 @@ def members(settings: dict, seeds: Sequence[int]) -> list[dict]:
 
 
 def run_ablation(config: Any, members: Sequence[dict], splits: dict, workdir: str, *,
-                 class_names: Sequence[str], heatmaps: dict | None = None,
+                 class_names: Sequence[str], heatmaps: dict | None = None, reports: bool = True,
                  progress: bool = True) -> tuple[dict, dict]:
     """Trains (or resumes) every member as one population in ``workdir``, then evaluates each
     (queries from ``splits["query"]``, gallery ``splits["gallery"]``; cached in
     ``workdir/eval/``, so a rerun only does what is missing).  splits: {"train", "query",
-    "gallery"} random-access sources; heatmaps: their heatmap datasets, same keys.
+    "gallery"} random-access sources; heatmaps: their heatmap datasets, same keys; reports:
+    whether the splits carry reports to embed (report retrieval is scored only then).
     Returns ({member name: `evaluate_embeddings` result}, {member name: training history})."""
     maps = heatmaps or {}
     _, histories = train_population(config, members, splits["train"], workdir,
@@ -67,7 +72,7 @@ def run_ablation(config: Any, members: Sequence[dict], splits: dict, workdir: st
     if todo:  # one restore and one set of compiled encoders for every member
         done = evaluate_towers(workdir, splits["query"], splits["gallery"],
                                class_names=class_names, members=todo, heatmaps=maps,
-                               progress=progress)
+                               reports=reports, progress=progress)
         for name, result in done.items():
             write_json(paths[name], result)
     return {name: read_json(path) for name, path in paths.items()}, histories
@@ -77,24 +82,34 @@ def _per_seed(results: dict, setting: str, variant: str, seeds: Sequence[int], k
     return [results[f"{setting}/{variant}/seed{s}"].get(key) for s in seeds]
 
 
-def _mean(a, b):
-    return None if a is None or b is None else (a + b) / 2
+def _mean_of(values: list) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def summarize(results: dict, seeds: Sequence[int]) -> dict:
     """{"seeds", "settings": {setting: {"variants": {variant: {metric: {"mean", "std",
-    "per_seed"}}}, "effects": {"daug" | "hybrid": {metric: {"mean", "ci95"}}}}}, "chance":
-    {metric: value}} from per-member results named ``<setting>/<variant>/seed<k>``."""
-    settings = sorted({name.split("/")[0] for name in results})
+    "per_seed"}, "per_class_auroc": {class: mean}}}, "effects": {"daug" | "hybrid": {metric: {"mean", "ci95"}}}}}, "chance":
+    {metric: value}} from per-member results named ``<setting>/<variant>/seed<k>``.  An effect
+    is averaged over the other factor's levels that ran: without the hybrid variants the DAug
+    effect is daug - baseline, and the hybrid effect is not there."""
     out = {"seeds": [int(s) for s in seeds], "settings": {}}
-    for setting in settings:
+    for setting in sorted({name.split("/")[0] for name in results}):
+        ran = [v for v in VARIANTS if f"{setting}/{v}/seed{seeds[0]}" in results]
         variants = {v: {key: metrics.mean_std(_per_seed(results, setting, v, seeds, key))
-                        for key in METRIC_KEYS} for v in VARIANTS}
-        effects = {effect: {} for effect in EFFECTS}
+                        for key in METRIC_KEYS} for v in ran}
+        for v in ran:  # per-class AUROC: the mean over seeds of each class
+            per_class = _per_seed(results, setting, v, seeds, "per_class_auroc")
+            variants[v]["per_class_auroc"] = {c: metrics.mean_std([p[c] for p in per_class])["mean"]
+                                              for c in per_class[0] or {}}
+        effects = {}
         for effect, (on, off) in EFFECTS.items():
+            pairs = [(a, b) for a, b in zip(on, off) if a in ran and b in ran]
+            if not pairs:
+                continue
+            effects[effect] = {}
             for key in METRIC_KEYS:
-                a, b = ([_mean(*pair) for pair in zip(*(_per_seed(results, setting, v, seeds, key)
-                                                         for v in side))] for side in (on, off))
+                a, b = ([_mean_of([_per_seed(results, setting, v, seeds, key)[i] for v in side])
+                         for i in range(len(seeds))] for side in zip(*pairs))
                 d = metrics.paired_difference(a, b)
                 effects[effect][key] = {"mean": d["mean"], "ci95": d["ci95"]}
         out["settings"][setting] = {"variants": variants, "effects": effects}

@@ -91,6 +91,8 @@ _RULES = {
     "percentile": (lambda v: _number(v) and 0 < v <= 100, "a number in (0, 100]"),
     "sweep_scales": (lambda v: all(_number(s) and s >= 0 for s in v), "numbers >= 0"),
     "sweep_levels": (lambda v: len(v) > 0 and all(_count(s) for s in v), "integers >= 0"),
+    "sweep_moves": (lambda v: len(v) > 0 and all(_count(s) and s >= 1 for s in v),
+                    "positive integers"),
     "train_split": (lambda v: isinstance(v, str) and all(p.strip() for p in v.split("+")),
                     "a split name or a union such as 'train+validation'"),
     # Switches with named values (model.vision.kind, data.label_policy, ...) are checked in

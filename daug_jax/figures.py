@@ -1,5 +1,6 @@
-"""PNG figures: the demo's (training curves of the ablation, a retrieval example) and the pointing
-game's (`daug_jax.localization`: example cases, the guidance sweep)."""
+"""PNG figures: the experiment's (training curves of the ablation, a retrieval example, the
+heatmap channels) and the pointing game's (`daug_jax.localization`: example cases, the guidance
+sweep)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from daug_jax.data.pipeline import ArraySource
-from daug_jax.data.synthetic import CLASS_NAMES
+from daug_jax.data import pipeline
+from daug_jax.data.registry import NO_FINDING
 from daug_jax.evaluate import embed
 from daug_jax.files import save_figure
 from daug_jax.train import load_towers
@@ -48,47 +49,82 @@ def training_curves(path: str, history: dict[str, list[list[dict]]]) -> None:
     save_figure(fig, path, bbox_inches="tight")
 
 
-def retrieval_example(path: str, workdir: str, test: dict, num_queries: int = 3,
-                      top_k: int = 4, *, heatmaps: Any = None, member: str | None = None) -> None:
-    """For a few test films: the query, its top-k most similar films and the top report.
+def retrieval_example(path: str, workdir: str, source: Any, *, class_names: Sequence[str],
+                      num_queries: int = 3, top_k: int = 4, heatmaps: Any = None,
+                      member: str | None = None) -> None:
+    """For a few films of ``source`` (the evaluation split, streamed once to embed it): the
+    query, its top-k most similar films and, where the towers learnt reports, the top report.
 
-    test: the (small, in-memory) test films as arrays with "image", "labels", "report", "id";
-    heatmaps: their heatmap dataset, for DAug towers; member: which towers of a population.
+    class_names: the label columns of ``source``; heatmaps: its heatmap dataset, for DAug
+    towers; member: which towers of a population.
     """
     towers = load_towers(workdir, member)
     config = towers.config
-    source = ArraySource({k: test[k] for k in ("image", "labels", "report", "id")})
-    emb = embed(towers, source, class_names=CLASS_NAMES, heatmaps=heatmaps)
-    img, txt = emb["image_emb"], emb["text_emb"]
-    labels = np.asarray(test["labels"])
-    # Queries: films with at least one finding, so that there is something to retrieve.
-    queries = [i for i in range(len(img)) if labels[i, 1:].max() == 1][:num_queries]
+    reports = float(config.train.clip_weight) > 0
+    emb = embed(towers, source, class_names=class_names, heatmaps=heatmaps, reports=reports)
+    img, labels, names = emb["image_emb"], emb["labels"], list(config.model.class_names)
+    findings = [c for c, n in enumerate(names) if n != NO_FINDING]
+    # Queries: films with a finding, so that there is something to retrieve.
+    queries = [i for i in range(len(img)) if labels[i, findings].max() == 1][:num_queries]
+    ranked = {q: np.argsort(-np.where(np.arange(len(img)) == q, -np.inf, img @ img[q]),
+                            kind="stable")[:top_k] for q in queries}
+    best = {q: int(np.argmax(emb["text_emb"] @ img[q])) for q in queries} if reports else {}
+    shown = sorted({int(i) for q in queries for i in (q, *ranked[q], *best.values())})
+    films = pipeline.read(source, shown)
+    film = {i: j for j, i in enumerate(shown)}
 
     def tag(i):
-        found = [n for n, v in zip(config.model.class_names, labels[i]) if v == 1]
-        return ", ".join(found) or "uncertain only"
+        return ", ".join(n for n, v in zip(names, labels[i]) if v == 1) or "no label"
 
     plt = _pyplot()
-    fig, axes = plt.subplots(len(queries), top_k + 2, figsize=(2.1 * (top_k + 2) + 2.5,
-                                                               2.5 * len(queries)),
-                             gridspec_kw={"width_ratios": [1] * (top_k + 1) + [2.4]})
+    cols = top_k + 1 + int(reports)
+    fig, axes = plt.subplots(len(queries), cols, figsize=(2.1 * cols + 2.5 * reports,
+                                                          2.5 * len(queries)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * (top_k + 1) + [2.4] * reports})
     for row, q in enumerate(queries):
-        sims = img @ img[q]
-        sims[q] = -np.inf
-        ranked = np.argsort(-sims, kind="stable")[:top_k]
-        for col, i in enumerate([q, *ranked]):
+        for col, i in enumerate([q, *ranked[q]]):
             ax = axes[row, col]
-            ax.imshow(test["image"][i, ..., 0], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(pipeline.to_unit_float(films["image"][film[i]])[..., 0], cmap="gray",
+                      vmin=0, vmax=1)
             ax.set_title(("query: " if col == 0 else f"#{col}: ") + tag(i), fontsize=6)
             ax.axis("off")
-        best = int(np.argmax(txt @ img[q]))
-        verdict = "its own report" if best == q else f"report of film {best} ({tag(best)})"
-        axes[row, -1].text(0, 1, f"top report ({verdict}):\n" + textwrap.fill(
-            str(test["report"][best]), 48), fontsize=6, va="top", family="monospace")
-        axes[row, -1].axis("off")
+        if reports:
+            b = best[q]
+            verdict = "its own report" if b == q else f"report of film {b} ({tag(b)})"
+            axes[row, -1].text(0, 1, f"top report ({verdict}):\n" + textwrap.fill(
+                str(films["report"][film[b]]), 48), fontsize=6, va="top", family="monospace")
+            axes[row, -1].axis("off")
     fig.suptitle(f"Retrieval with the {config.model.vision.fill} / clip_weight="
-                 f"{config.train.clip_weight} towers (test films)", fontsize=9)
+                 f"{config.train.clip_weight} towers", fontsize=9)
     save_figure(fig, path, bbox_inches="tight")
+
+
+def heatmap_channels(path: str, source: Any, heatmaps: Any, class_names: Sequence[str],
+                     num_films: int = 6) -> None:
+    """PNG: the first films of ``source`` with a finding (else the first films) above their
+    stored DAug channels (``heatmaps``: the split's heatmap dataset), as the towers read them."""
+    names, targets = list(class_names), heatmaps.metadata["targets"]
+    findings = [c for c, n in enumerate(names) if n != NO_FINDING]
+    head = pipeline.read(source, range(min(len(source), 256)))
+    with_finding = np.flatnonzero((head["labels"][:, findings] == 1).any(axis=1))
+    rows = [*with_finding, *range(len(head["labels"]))][:num_films]
+    maps = pipeline.read(heatmaps, rows)["heatmaps"]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1 + len(targets), len(rows), figsize=(1.6 * len(rows),
+                                                                   1.7 * (1 + len(targets))),
+                             squeeze=False)
+    for col, i in enumerate(rows):
+        found = ", ".join(n for c, n in enumerate(names) if head["labels"][i, c] == 1)
+        axes[0, col].imshow(pipeline.to_unit_float(head["image"][i])[..., 0], cmap="gray",
+                            vmin=0, vmax=1)
+        axes[0, col].set_title(textwrap.fill(found or "no label", 24), fontsize=6)
+        for k, target in enumerate(targets):
+            axes[1 + k, col].imshow(maps[col, ..., k], cmap="magma", vmin=0, vmax=1)
+            axes[1 + k, col].set_title(f"h: {target}", fontsize=6)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def plot_examples(path: str, images: np.ndarray, cases: dict, out: dict,

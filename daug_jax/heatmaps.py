@@ -263,19 +263,21 @@ class Translation:
         return translated, jnp.moveaxis(raw, 0, -1)  # raw: [K, B, H, W] -> [B, H, W, K]
 
 
-def make_translation(models: TranslationModels, settings: Any,
-                     level: int | None = None) -> Translation:
-    """The translation of ``models`` with a config's ``heatmaps`` settings (``num_steps`` DDIM
-    moves each way, ``smooth_sigma``, ``reference``, ``unroll``, ``guidance``) to encode level
-    ``level`` (default ``settings.level``), at most the classifier's trained ``max_level``."""
+def make_translation(models: TranslationModels, settings: Any, level: int | None = None,
+                     num_steps: int | None = None) -> Translation:
+    """The translation of ``models`` with a config's ``heatmaps`` settings (``smooth_sigma``,
+    ``reference``, ``unroll``, ``guidance``) to encode level ``level`` (default
+    ``settings.level``, at most the classifier's trained ``max_level``) in ``num_steps`` DDIM
+    moves each way (default ``settings.num_steps``)."""
     level = int(settings["level"] if level is None else level)
+    num_steps = int(settings["num_steps"] if num_steps is None else num_steps)
     if models.max_level is not None and level > models.max_level:
         # Above it the classifier's gradient comes from inputs it never saw: guidance by noise.
         raise ValueError(f"heatmap encode level L = {level} is above the classifier's trained "
                          f"levels (classifier.max_level = {models.max_level}); use a level <= "
                          f"{models.max_level} or train the classifier up to {level}")
     alpha_bar = np.asarray(models.alpha_bar, np.float64)
-    grid = sampling.ddim_grid(len(alpha_bar), level, int(settings["num_steps"]))
+    grid = sampling.ddim_grid(len(alpha_bar), level, num_steps)
     return Translation(alpha_bar, grid, float(settings["smooth_sigma"]),
                        str(settings["reference"]), settings["unroll"], str(settings["guidance"]))
 

@@ -231,7 +231,8 @@ def collect_films(source, modes: dict, classes: Sequence[str], data_classes: Seq
     A film is kept while it is a new candidate (the mode's label, a non-empty region) for some
     (mode, class) that has fewer than 2 x ``per_class`` candidates, so memory is bounded by the
     cases, not by the split: NIH's boxed films are 880 of 112,120.  Returns ``{"image" [M, H, W,
-    1] float32 in [0, 1], "labels" [M, C], field: [M, C, H, W]}`` for `select_cases`.
+    1] float32 in [0, 1], "labels" [M, C], field: [M, C, H, W]}`` for `select_cases`; {} when
+    no film is a candidate.
     """
     columns = [list(data_classes).index(c) for c in classes]
     counts = {(m, c): 0 for m in modes for c in columns}
@@ -249,7 +250,7 @@ def collect_films(source, modes: dict, classes: Sequence[str], data_classes: Seq
             for field in {"image", "labels", *(f for f, _, _ in modes.values())}:
                 kept.setdefault(field, []).append(batch[field][j])
     if not kept:
-        raise ValueError(f"no film among the first {limit} has a region for {list(classes)}")
+        return {}
     films = {k: np.stack(v) for k, v in kept.items()}
     films["image"] = pipeline.to_unit_float(films["image"])
     return films
@@ -263,17 +264,22 @@ def _interval(effect: dict) -> str:
     return f"{effect['mean']:+.2f} [{effect['ci95'][0]:+.2f}, {effect['ci95'][1]:+.2f}]"
 
 
-def _cases_of(dataset, split: str, models: TranslationModels, loc, seed: int):
-    """The scored cases of ``split``: (data_classes, non-empty cases, films in [-1, 1])."""
+def cases_of(dataset, split: str, models: TranslationModels, loc, seed: int,
+             per_class: int | None = None):
+    """The scored cases of ``split`` (up to ``per_class``, default ``loc.cases_per_class``, per
+    class and mode, from its first ``loc.pool_size`` films): (data_classes, non-empty cases,
+    films in [-1, 1]); cases are {} when no film of the split has a region to point at."""
     data_classes = list(dataset.class_names)
+    per_class = int(loc.cases_per_class if per_class is None else per_class)
     modes = modes_for(dataset.builder.info.features.keys())
     # Every class the data has a region for and the classifier can guide ("No Finding": none).
     classes = [c for c in data_classes if c in models.class_names and c != NO_FINDING]
-    data = collect_films(dataset.source(split), modes, classes, data_classes,
-                         int(loc.cases_per_class), int(loc.pool_size))
+    data = collect_films(dataset.source(split), modes, classes, data_classes, per_class,
+                         int(loc.pool_size))
+    if not data:
+        return data_classes, {}, None
     regions = {field: data[field] for field, _, _ in modes.values()}
-    cases = select_cases(data["labels"], regions, data_classes, classes, loc.cases_per_class,
-                         seed, modes)
+    cases = select_cases(data["labels"], regions, data_classes, classes, per_class, seed, modes)
     cases = {m: c for m, c in cases.items() if len(c["class"])}
     return data_classes, cases, to_model_space(data["image"])
 
@@ -318,7 +324,10 @@ def main(command: str, argv: list[str]) -> int:
                          f"pointing game against (datasets with them: "
                          f"{', '.join(n for n, e in registry.REGISTRY.items() if e.localized)})")
     seed, size = int(config.data.seed), models.image_shape[0]
-    data_classes, cases, images = _cases_of(dataset, args.split, models, loc, seed)
+    data_classes, cases, images = cases_of(dataset, args.split, models, loc, seed)
+    if not cases:
+        raise ValueError(f"no film among the first {loc.pool_size} of {dataset.name} "
+                         f"{args.split} has a region for a class the classifier guides")
     out = translate_cases(models, make_translation(models, h), images, cases, scales=scales,
                           batch_size=loc.batch_size, data_classes=data_classes)
     results = {s: score(out, s, cases, data_classes) for s in scales}

@@ -26,5 +26,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Every level from L, one DDIM move per level; loops rolled (compile time flat in the steps;
     # 500 unrolled steps would not compile in reasonable time).
     h.update(level=level, num_steps=level, unroll=False)
-    h.localization.update(sweep_levels=(level,), sweep_scales=(100.0,))
+    h.localization.update(sweep_levels=(level,), sweep_moves=(level,), sweep_scales=(100.0,))
     return config

@@ -1,4 +1,5 @@
-"""``daug-jax demo``: DAug end to end on the synthetic benchmark, sized for a 2-core CPU.
+"""``daug-jax demo``: the experiment (`daug_jax.experiment`) on the synthetic benchmark, sized
+for a 2-core CPU; the shape of every experiment config (``daug-jax experiment --config NAME``).
 
 Every stage reuses the stage's own config (experiments/diffusion.py, heatmaps.py, towers.py)
 with the sizes below; ``demo:quick`` (``daug-jax demo --quick``) shrinks everything for a smoke
@@ -19,10 +20,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     quick = arg == "quick"
     config = ml_collections.ConfigDict()
     config.out = "runs/quick" if quick else "runs/demo"
-    # Films of the synthetic benchmark, from the splits of `synthetic_cxr`: train (diffusion,
-    # classifier, towers; the retrieval gallery), validation (the encode level and guidance
-    # scale are chosen there) and test (every reported figure).
-    config.data = dict(image_size=32, num_train=1024, num_validation=256, num_test=512, seed=0)
+    # Any registered dataset (`--data NAME --data-dir DIR`); here the synthetic benchmark, built
+    # under data_dir on first use.  Its splits: train_split (diffusion, classifier, towers; the
+    # retrieval gallery), validation (the encode level, DDIM moves and guidance scale are chosen
+    # there) and test (every reported figure).
+    config.data = dict(name="synthetic_cxr", data_dir="runs/tfds", image_size=32,
+                       num_train=1024, num_validation=256, num_test=512, seed=0,
+                       train_split="train", label_policy="ignore",
+                       report_section="findings+impression")
+    # Trained products to reuse instead of training them under `out` ("" = `out`/<stage>): a
+    # user with a trained diffusion model runs only what is missing.
+    config.diffusion_workdir = ""
+    config.classifier_workdir = ""
+    config.heatmaps_workdir = ""
     # Every seed trains all eight runs (two settings x four variants); all 24 are one population.
     config.seeds = (0, 1, 2)
     config.ablation = SETTINGS
@@ -39,10 +49,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.heatmaps.num_steps = 5
     # The authors' DAug channel: one map, towards "No Finding" ([x0, h] into the ResNet).
     config.heatmaps.targets = "No Finding"
-    # Encode levels x guidance scales tried on the validation films (8 per class and mode); the
-    # pair whose maps beat their controls (the unguided map; for site mode also the guidance
-    # towards another class) by the widest mean margin is used (`demo.select_guidance`).
-    config.heatmaps.localization.update(sweep_levels=(300, 500),
+    # Encode levels x DDIM moves x guidance scales tried on the validation films (8 per class
+    # and mode); the point whose maps beat their controls (the unguided map; for site mode also
+    # the guidance towards another class) by the widest mean margin is used
+    # (`experiment.select_guidance`).
+    config.heatmaps.localization.update(sweep_levels=(300, 500), sweep_moves=(5,),
                                         sweep_scales=(3.0, 10.0),
                                         validation_cases_per_class=8)
     # 24 runs share this budget: 120 steps of batch 32 each; reports cut at 64 tokens.
@@ -70,7 +81,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         h.update(num_steps=2, batch_size=16, shard_size=32)
         h.calibration.num_images = 16
         h.localization.update(cases_per_class=2, batch_size=16, examples_per_class=1,
-                              sweep_levels=(300, 500), sweep_scales=(3.0, 10.0),
+                              sweep_levels=(300, 500), sweep_moves=(2,),
+                              sweep_scales=(3.0, 10.0),
                               validation_cases_per_class=2)
         t = config.towers
         t.model.vision.update(preset="tiny")

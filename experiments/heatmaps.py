@@ -45,9 +45,10 @@ def _heatmaps() -> ml_collections.ConfigDict:
     config.calibration = dict(num_images=64, percentile=99.0)
     # `daug-jax localize`: held-out synthetic images, per localized class up to `cases_per_class`
     # positives (anomaly mode) and as many negatives (site mode).
-    # `daug-jax demo` (and the experiment) choose the encode level and scale on validation films
-    # among sweep_levels x sweep_scales.
+    # `daug-jax experiment` chooses the encode level, DDIM moves and guidance scale on
+    # validation films among sweep_levels x sweep_moves x sweep_scales.
     config.localization = dict(cases_per_class=24, pool_size=1000, validation_cases_per_class=8,
                                sweep_scales=(1.0, 3.0, 10.0, 30.0), sweep_levels=(500,),
+                               sweep_moves=(10,),
                                examples_per_class=2, batch_size=16)
     return config

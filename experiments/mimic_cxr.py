@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="uint8",
         calibration=dict(num_images=512, percentile=99.0),
         localization=dict(cases_per_class=100, pool_size=5000, sweep_scales=(10.0, 30.0, 100.0),
-                          sweep_levels=(500,), validation_cases_per_class=20,
+                          sweep_levels=(500,), sweep_moves=(500,), validation_cases_per_class=20,
                           examples_per_class=2, batch_size=32),
     )
 

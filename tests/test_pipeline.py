@@ -122,7 +122,7 @@ def test_demo_splits_the_cpu_into_its_configured_devices(args, xla_flags, expect
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, PYTHONPATH=ROOT)
-    code = ("import sys; from daug_jax import cli, demo; cli._set_up_process(demo, sys.argv[1:]);"
+    code = ("import sys; from daug_jax import cli, experiment as e; cli._set_up_process(e, sys.argv[1:]);"
             " import jax; print(jax.device_count())")
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout

@@ -8,14 +8,13 @@ The trees are synthetic films written in the datasets' own layouts (tests/fixtur
 
 import json
 import os
-import re
 
 import numpy as np
 import pytest
 
 import _subproc
 import _tiny
-from daug_jax import cli
+from _cli import ok, user_error
 from daug_jax.heatmap_job import HeatmapSource
 from fixtures_real import make_chexpert_synthetic_tree, make_mimic_synthetic_tree
 
@@ -31,16 +30,6 @@ TOWERS = ["model.vision.resnet={'stage_sizes': (1,), 'widths': (8,), 'stem_width
           "model.vision.fill=heatmaps", "model.vision.in_channels=2"]
 
 
-def _cli(*argv):
-    assert cli.main([str(a) for a in argv]) == 0
-
-
-def _user_error(capsys, pattern, *argv):
-    """The command fails with status 2 and one line ``daug-jax <command>: error: ...``."""
-    capsys.readouterr()
-    assert cli.main([str(a) for a in argv]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.match(r"daug-jax [a-z -]+: error: ", last) and re.search(pattern, last), last
 
 
 def _heatmaps_two_processes(tmp, data, splits, out):
@@ -95,20 +84,20 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
         info = make_chexpert_synthetic_tree(manual, num_train=80, num_validation=40)
         splits, query, towers = "train,validation", "validation", TOWERS + ["train.clip_weight=0"]
     data = ["--data", dataset, "--data-dir", tfds_dir]
-    _cli("data", "prepare", dataset, "--manual-dir", manual, "--data-dir", tfds_dir,
+    ok("data", "prepare", dataset, "--manual-dir", manual, "--data-dir", tfds_dir,
          "--size", SIZE)
-    _cli("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_tiny.sets(DIFFUSION))
-    _cli("train-classifier", "--workdir", tmp_path / "classifier", *data, *_tiny.sets(DIFFUSION))
+    ok("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_tiny.sets(DIFFUSION))
+    ok("train-classifier", "--workdir", tmp_path / "classifier", *data, *_tiny.sets(DIFFUSION))
     meta = json.loads((tmp_path / "classifier" / "meta.json").read_text())
     assert len(meta["class_names"]) == 14 and meta["image_shape"] == [SIZE, SIZE, 1]
 
     models = ["--diffusion", tmp_path / "diffusion", "--classifier", tmp_path / "classifier"]
     if dataset == "mimic_cxr":
         # The pointing game needs lesion masks: refused on MIMIC, scored on synthetic films.
-        _user_error(capsys, "mimic_cxr has no lesion masks, sites or boxes", "localize", *models, *data)
-        _user_error(capsys, "unknown class 'Pneumonitis' in heatmap target", "heatmaps",
+        user_error(capsys, "mimic_cxr has no lesion masks, sites or boxes", "localize", *models, *data)
+        user_error(capsys, "unknown class 'Pneumonitis' in heatmap target", "heatmaps",
                     *models, *data, "--targets", "Pneumonitis", "--out", tmp_path / "bad")
-        _cli("localize", *models, "--data", "synthetic_cxr", "--data-dir", tfds_dir,
+        ok("localize", *models, "--data", "synthetic_cxr", "--data-dir", tfds_dir,
              "--out", tmp_path / "loc", "--sweep", "1", *_tiny.sets(HEATMAPS + [
                  "data.num_train=16", "data.num_validation=4", "data.num_test=48",
                  "heatmaps.localization.cases_per_class=2", "heatmaps.localization.pool_size=48",
@@ -120,7 +109,7 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
         _check_heatmaps(out, split, info["num_frontal"][split],
                         _split_ids(dataset, tfds_dir, split))
 
-    _cli("train", "--workdir", tmp_path / "towers", *data, *_tiny.sets(towers),
+    ok("train", "--workdir", tmp_path / "towers", *data, *_tiny.sets(towers),
          "--set", f"data.heatmaps_dir={out}")
     history = [json.loads(r) for r in open(tmp_path / "towers" / "metrics.jsonl")]
     assert [r["step"] for r in history] == [3, 6]
@@ -129,7 +118,7 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
         assert all(r["loss"] == pytest.approx(r["image_class"], rel=1e-6) for r in history)
 
     result = tmp_path / "eval.json"
-    _cli("evaluate", "--towers", tmp_path / "towers", *data, "--query-split", query,
+    ok("evaluate", "--towers", tmp_path / "towers", *data, "--query-split", query,
          "--out", result)
     metrics = json.loads(result.read_text())
     assert metrics["dataset"] == dataset and metrics["num_queries"] == info["num_frontal"][query]
@@ -140,7 +129,7 @@ def test_every_stage_by_cli(dataset, tmp_path, capsys):
     assert 0.0 <= metrics["weighted_auroc"] <= 1.0 and metrics["chance"]["macro_auroc"] == 0.5
     assert ("i2t_R@5" in metrics) == ("r2x_mAP@5" in metrics) == (dataset == "mimic_cxr")
     if dataset == "chexpert_cxr":  # CheXpert has no test split: the error lists the splits
-        _user_error(capsys, "split 'test' is not in chexpert_cxr .*; its splits: train, "
+        user_error(capsys, "split 'test' is not in chexpert_cxr .*; its splits: train, "
                     "validation", "evaluate", "--towers", tmp_path / "towers", *data,
                     "--out", result)
 
@@ -165,7 +154,7 @@ def test_bad_input_is_named_before_training(tmp_path, capsys):
 
     manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
     make_mimic_synthetic_tree(manual, num_train=24, num_validation=4, num_test=8)
-    _cli("data", "prepare", "mimic_cxr", "--manual-dir", manual, "--data-dir", tfds_dir,
+    ok("data", "prepare", "mimic_cxr", "--manual-dir", manual, "--data-dir", tfds_dir,
          "--size", SIZE)
     dataset = registry.open_dataset(ml_collections.ConfigDict(
         dict(name="mimic_cxr", data_dir=str(tfds_dir), image_size=SIZE,
@@ -175,7 +164,7 @@ def test_bad_input_is_named_before_training(tmp_path, capsys):
                               1.0, batch_size=4)
 
     def train(pattern, maps, *extra):
-        _user_error(capsys, pattern, "train", "--workdir", tmp_path / "towers", "--data",
+        user_error(capsys, pattern, "train", "--workdir", tmp_path / "towers", "--data",
                     "mimic_cxr", "--data-dir", tfds_dir, *_tiny.sets(TOWERS + list(extra)),
                     "--set", f"data.heatmaps_dir={tmp_path / maps}")
 
@@ -183,34 +172,8 @@ def test_bad_input_is_named_before_training(tmp_path, capsys):
     train(r"1 channel\(s\) \['No Finding'\], the towers expect 2", "right",
           "model.vision.in_channels=3")
     assert not (tmp_path / "towers" / "checkpoints").exists()  # nothing was trained
-    _user_error(capsys, "unknown dataset 'nih'; registered datasets: chexpert_cxr, mimic_cxr, "
+    user_error(capsys, "unknown dataset 'nih'; registered datasets: chexpert_cxr, mimic_cxr, "
                 "nih_cxr14, synthetic_cxr", "train-diffusion", "--data", "nih", "--data-dir", tfds_dir)
     with pytest.raises(ValueError, match="split 'validate' is not in mimic_cxr .*; its splits: "
                                          "test, train, validation"):
         dataset.source("validate")
-
-
-def test_nih_localization_by_cli(tmp_path, capsys):
-    """NIH ChestX-ray14 (real metadata, generated films): prepare -> train-diffusion ->
-    train-classifier -> localize, the pointing game on the boxed films of the test split."""
-    import fixtures_nih
-
-    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
-    fixtures_nih.make_nih_tree(manual, fixtures_nih.txv_data())
-    data = ["--data", "nih_cxr14", "--data-dir", tfds_dir]
-    _cli("data", "prepare", "nih_cxr14", "--manual-dir", manual, "--data-dir", tfds_dir,
-         "--size", SIZE)
-    _cli("train-diffusion", "--workdir", tmp_path / "diffusion", *data, *_tiny.sets(DIFFUSION))
-    _cli("train-classifier", "--workdir", tmp_path / "classifier", *data, *_tiny.sets(DIFFUSION))
-    _cli("localize", "--diffusion", tmp_path / "diffusion", "--classifier", tmp_path / "classifier",
-         *data, "--out", tmp_path / "loc", "--sweep", "1", *_tiny.sets(HEATMAPS + [
-             "heatmaps.localization.cases_per_class=2", "heatmaps.localization.pool_size=100000",
-             "heatmaps.localization.examples_per_class=1"]))
-    loc = json.loads((tmp_path / "loc" / "localization.json").read_text())
-    assert set(loc) == {"anomaly", "channel", "settings"}
-    boxed = {"Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
-             "Pneumonia", "Pneumothorax"}
-    for mode in ("anomaly", "channel"):
-        assert set(loc[mode]["per_class"]) <= boxed and loc[mode]["n"] > 0
-        assert 0 < loc[mode]["chance"] < 1  # the boxes' mean area fraction
-    assert (tmp_path / "loc" / "localization.png").stat().st_size > 0
