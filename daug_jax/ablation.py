@@ -88,8 +88,8 @@ def _mean_of(values: list) -> float | None:
 
 def summarize(results: dict, seeds: Sequence[int]) -> dict:
     """{"seeds", "settings": {setting: {"variants": {variant: {metric: {"mean", "std",
-    "per_seed"}, "per_class_auroc": {class: mean}}}, "effects": {"daug" | "hybrid": {metric: {"mean", "ci95"}}}}}, "chance":
-    {metric: value}} from per-member results named ``<setting>/<variant>/seed<k>``.  An effect
+    "per_seed"}, "per_class_auroc": {class: mean}}}, "effects": {"daug" | "hybrid": {metric:
+    {"mean", "ci95"}}}}}, "chance": {metric: value}} from per-member results named ``<setting>/<variant>/seed<k>``.  An effect
     is averaged over the other factor's levels that ran: without the hybrid variants the DAug
     effect is daug - baseline, and the hybrid effect is not there."""
     out = {"seeds": [int(s) for s in seeds], "settings": {}}
@@ -99,8 +99,8 @@ def summarize(results: dict, seeds: Sequence[int]) -> dict:
                         for key in METRIC_KEYS} for v in ran}
         for v in ran:  # per-class AUROC: the mean over seeds of each class
             per_class = _per_seed(results, setting, v, seeds, "per_class_auroc")
-            variants[v]["per_class_auroc"] = {c: metrics.mean_std([p[c] for p in per_class])["mean"]
-                                              for c in per_class[0] or {}}
+            variants[v]["per_class_auroc"] = {
+                c: metrics.mean_std([p[c] for p in per_class])["mean"] for c in per_class[0] or {}}
         effects = {}
         for effect, (on, off) in EFFECTS.items():
             pairs = [(a, b) for a, b in zip(on, off) if a in ran and b in ran]
@@ -108,8 +108,9 @@ def summarize(results: dict, seeds: Sequence[int]) -> dict:
                 continue
             effects[effect] = {}
             for key in METRIC_KEYS:
-                a, b = ([_mean_of([_per_seed(results, setting, v, seeds, key)[i] for v in side])
-                         for i in range(len(seeds))] for side in zip(*pairs))
+                a, b = ([_mean_of(seed) for seed in zip(*(_per_seed(results, setting, v, seeds, key)
+                                                          for v in side))]
+                        for side in zip(*pairs))
                 d = metrics.paired_difference(a, b)
                 effects[effect][key] = {"mean": d["mean"], "ci95": d["ci95"]}
         out["settings"][setting] = {"variants": variants, "effects": effects}

@@ -353,7 +353,7 @@ def run_experiment(config: Any, until: str = STAGES[-1]) -> dict | None:
         settings, variants, skipped = towers_plan(config, dataset)
         # The class list is the registry's (results.json: config.towers.model.class_names).
         config.towers.model.class_names = list(dataset.class_names)
-        validate(towers_config(config, dataset))  # a bad towers config fails before training
+        towers_config(config, dataset)  # validated: a bad towers config fails before training
     if done("data"):
         return None
     dcfg, train = config.diffusion, dataset.source(config.data.train_split)

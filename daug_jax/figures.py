@@ -13,6 +13,7 @@ from daug_jax.data import pipeline
 from daug_jax.data.registry import NO_FINDING
 from daug_jax.evaluate import embed
 from daug_jax.files import save_figure
+from daug_jax.tower_inputs import uses_reports
 from daug_jax.train import load_towers
 
 
@@ -60,7 +61,7 @@ def retrieval_example(path: str, workdir: str, source: Any, *, class_names: Sequ
     """
     towers = load_towers(workdir, member)
     config = towers.config
-    reports = float(config.train.clip_weight) > 0
+    reports = uses_reports(config)
     emb = embed(towers, source, class_names=class_names, heatmaps=heatmaps, reports=reports)
     img, labels, names = emb["image_emb"], emb["labels"], list(config.model.class_names)
     findings = [c for c, n in enumerate(names) if n != NO_FINDING]
@@ -107,7 +108,8 @@ def heatmap_channels(path: str, source: Any, heatmaps: Any, class_names: Sequenc
     findings = [c for c, n in enumerate(names) if n != NO_FINDING]
     head = pipeline.read(source, range(min(len(source), 256)))
     with_finding = np.flatnonzero((head["labels"][:, findings] == 1).any(axis=1))
-    rows = [*with_finding, *range(len(head["labels"]))][:num_films]
+    # Each film once: those with a finding first, then the first films.
+    rows = list(dict.fromkeys([*with_finding.tolist(), *range(len(head["labels"]))]))[:num_films]
     maps = pipeline.read(heatmaps, rows)["heatmaps"]
     plt = _pyplot()
     fig, axes = plt.subplots(1 + len(targets), len(rows), figsize=(1.6 * len(rows),

@@ -20,10 +20,11 @@ import os
 import pathlib
 import shutil
 
+from daug_jax.data.nih import TEST_LIST, TRAIN_VAL_LIST, VALIDATION_MODULUS
+
 ENTRY = "Data_Entry_2017_v2020.csv.gz"
 BOXES = "BBox_List_2017.csv.gz"
 TEST_RESIDUES = (1, 2)   # Patient ID % 10 -> test
-VALIDATION_MODULUS = 10  # the builder's rule (daug_jax.data.nih): train_val % 10 == 0
 
 
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
@@ -79,10 +80,10 @@ def main() -> None:
     write_atomic(args.out / BOXES, boxes_gz)
     test = [n for n in films if patient[n] % 10 in TEST_RESIDUES]
     train_val = [n for n in films if patient[n] % 10 not in TEST_RESIDUES]
-    write_atomic(args.out / "train_val_list.txt", "".join(n + "\n" for n in train_val).encode())
-    write_atomic(args.out / "test_list.txt", "".join(n + "\n" for n in test).encode())
+    write_atomic(args.out / TRAIN_VAL_LIST, "".join(n + "\n" for n in train_val).encode())
+    write_atomic(args.out / TEST_LIST, "".join(n + "\n" for n in test).encode())
 
-    # The splits as the builder will form them.
+    # The splits as the builder will form them (its validation rule, imported).
     splits = {"train": [n for n in train_val if patient[n] % VALIDATION_MODULUS],
               "validation": [n for n in train_val if patient[n] % VALIDATION_MODULUS == 0],
               "test": test}
